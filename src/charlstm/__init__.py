@@ -1,0 +1,24 @@
+"""charlstm: character-level LSTM language models, from the Keras tutorial to a real tool.
+
+Five lines in a notebook::
+
+    from charlstm import Corpus, train, generate
+    corpus = Corpus.gutenberg(11)
+    model = train(corpus, preset="tutorial-small", epochs=1)
+    print(generate(model, length=200))
+"""
+
+from .checkpoint import TrainedModel, load, save
+from .corpus import Corpus, Normalization
+from .errors import CharLSTMError
+from .generate import Generator, SamplingConfig, generate
+from .model import CharLSTM, ModelConfig
+from .train import PRESETS, TrainConfig, Trainer, evaluate_ids, fit, train
+from .vocab import Vocab
+
+__all__ = [
+    "CharLSTM", "CharLSTMError", "Corpus", "Generator", "ModelConfig", "Normalization", "PRESETS",
+    "SamplingConfig", "TrainConfig", "TrainedModel", "Trainer", "Vocab", "evaluate_ids", "fit",
+    "generate", "load", "save", "train",
+]
+__version__ = "0.1.0"

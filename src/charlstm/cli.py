@@ -1,0 +1,239 @@
+"""The ``charlstm`` command: a thin shell over the Python API.
+
+Every mistake a user can make ends in one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import checkpoint
+from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization
+from .errors import CharLSTMError
+from .generate import MODES, Generator, SamplingConfig
+from .train import PRESETS, evaluate_ids, fit
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line, like every other error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+# ----------------------------------------------------------------------- arguments
+
+
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("text")
+    g.add_argument("--text", action="append", type=Path, metavar="FILE",
+                   help="train on this UTF-8 text file (repeatable)")
+    g.add_argument("--gutenberg", type=int, metavar="ID",
+                   help=f"train on Project Gutenberg book ID (default {DEFAULT_BOOK}: Alice in Wonderland)")
+    g.add_argument("--mirror", metavar="DIR|URL",
+                   help=f"offline copy of Gutenberg books (folder or URL holding pgID.txt); env {MIRROR_ENV}")
+    g.add_argument("--cache-dir", type=Path, help="where downloaded books are kept")
+    g.add_argument("--offline", action="store_true", help="never download; use the cache or mirror")
+    g.add_argument("--keep-case", action="store_true", help="do not lowercase the text")
+    g.add_argument("--strip-punctuation", action="store_true",
+                   help="keep only letters, digits, marks, spaces and newlines")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and training (defaults come from --preset)")
+    g.add_argument("--preset", default="default", choices=list(PRESETS))
+    g.add_argument("--input", choices=["scaled", "onehot", "embedding"])
+    g.add_argument("--embedding-dim", type=_positive_int)
+    g.add_argument("--layers", type=_positive_int)
+    g.add_argument("--units", type=_positive_int)
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--input-dropout", type=float)
+    g.add_argument("--window", type=_positive_int, help="characters per window (the tutorial's seq_length)")
+    g.add_argument("--epochs", type=_positive_int)
+    g.add_argument("--batch-size", type=_positive_int)
+    g.add_argument("--lr", type=float, help="learning rate")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--optimizer", choices=["adam", "adamw"])
+    g.add_argument("--schedule", choices=["constant", "cosine"])
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--clip", type=float, help="max gradient norm (0 = off)")
+    g.add_argument("--batching", choices=["windows", "streams"])
+    g.add_argument("--bptt", type=_positive_int, help="stream piece length for truncated BPTT")
+    g.add_argument("--val-fraction", type=float, help="held-out share at the end of the text (0 = none)")
+    g.add_argument("--monitor", choices=["loss", "val_loss"])
+    g.add_argument("--patience", type=int, help="stop after this many epochs without improvement")
+    g.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop (and plan the schedule) by then")
+    g.add_argument("-o", "--output-dir", help="folder for checkpoints and metrics (default: checkpoints)")
+    g.add_argument("--checkpoint-template", help="e.g. 'weights-improvement-{epoch:02d}-{loss:.4f}'")
+    g.add_argument("--seed", type=int, help="random seed, for reproducible runs")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True) -> None:
+    if with_checkpoint:
+        p.add_argument("checkpoint", type=Path)
+    g = p.add_argument_group("generation")
+    g.add_argument("--length", type=int, default=1000, help="characters to generate (default 1000)")
+    g.add_argument("--prime", help="start from this text instead of a random training window")
+    g.add_argument("--prime-unknown", choices=["error", "skip"], default="error",
+                   help="what to do with prime characters the model does not know")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy argmax (the tutorial)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--mode", choices=MODES, default="auto")
+    g.add_argument("--sample-seed", type=int, dest="gen_seed",
+                   help="seed for choosing the seed window and sampling")
+    if with_checkpoint:
+        g.add_argument("--seed", type=int, dest="gen_seed", help="same as --sample-seed")
+        g.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="charlstm", description="Character-level LSTM language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model on a text")
+    _add_corpus_args(p)
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    _add_generate_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("run", help="train on the default book, then generate (the quick start)")
+    _add_corpus_args(p)
+    _add_train_args(p)
+    _add_generate_args(p, with_checkpoint=False)
+    p.set_defaults(func=cmd_run, time_budget=150.0)
+
+    p = sub.add_parser("evaluate", help="nats/char and bits/char of a checkpoint on a text")
+    p.add_argument("checkpoint", type=Path)
+    _add_corpus_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("info", help="what a checkpoint holds")
+    p.add_argument("checkpoint", type=Path)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+# ----------------------------------------------------------------------- commands
+
+
+def corpus_from_args(args: argparse.Namespace) -> Corpus:
+    norm = Normalization(lowercase=not args.keep_case, strip_punctuation=args.strip_punctuation)
+    if args.text and args.gutenberg is not None:
+        raise CharLSTMError("give either --text or --gutenberg, not both")
+    if args.text:
+        return Corpus.from_files(args.text, norm)
+    return Corpus.gutenberg(args.gutenberg or DEFAULT_BOOK, norm, mirror=args.mirror,
+                            cache_dir=args.cache_dir, offline=args.offline)
+
+
+TRAIN_OPTIONS = ("input", "embedding_dim", "layers", "units", "dropout", "input_dropout", "window", "epochs",
+                 "batch_size", "lr", "weight_decay", "optimizer", "schedule", "warmup_steps", "clip", "batching",
+                 "bptt", "val_fraction", "monitor", "patience", "time_budget", "output_dir",
+                 "checkpoint_template", "seed", "device", "precision")
+
+
+def _train(args: argparse.Namespace):
+    corpus = corpus_from_args(args)
+    overrides = {name: getattr(args, name) for name in TRAIN_OPTIONS}
+    result = fit(corpus, args.preset, progress=not args.no_progress, **overrides)
+    if result.best_path:
+        print(f"best checkpoint: {result.best_path}")
+    return result
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    result = _train(args)
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    result = _train(args)
+    if result.best_path is None:
+        raise CharLSTMError("training stopped before the first checkpoint; nothing to generate from")
+    _print_generation(Generator(result.trained, device=result.trained.model.head.weight.device), args)
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    trained = checkpoint.load(args.checkpoint, device=args.device)
+    _print_generation(Generator(trained, device=args.device), args)
+    return 0
+
+
+def _print_generation(gen: Generator, args: argparse.Namespace) -> None:
+    prime = args.prime if args.prime is not None else gen.random_seed_text(args.gen_seed)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    chars = gen.stream(prime, args.length, sampling=sampling, mode=args.mode, seed=args.gen_seed,
+                       prime_unknown=args.prime_unknown)
+    first = next(chars, "")  # validates the options before anything is printed
+    print("Seed:")
+    print(f'"{prime}"')
+    sys.stdout.write(first)
+    for ch in chars:
+        sys.stdout.write(ch)
+        if ch == "\n":
+            sys.stdout.flush()
+    print("\nDone.")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    trained = checkpoint.load(args.checkpoint)
+    norm = trained.normalization
+    args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
+    corpus = corpus_from_args(args)
+    ids = trained.vocab.encode(corpus.text)
+    nats = evaluate_ids(trained.model, ids)
+    print(f"characters: {len(ids)}  nats/char: {nats:.4f}  bits/char: {nats / 0.6931471805599453:.4f}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    trained = checkpoint.load(args.checkpoint)
+    cfg = trained.config
+    history = trained.training.get("history", [])
+    print(f"checkpoint: {args.checkpoint}")
+    print("model: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+    print(f"parameters: {trained.model.num_parameters():,}")
+    print(f"vocabulary: {len(trained.vocab)} characters {''.join(trained.vocab.chars)!r}")
+    print("normalization: " + ", ".join(f"{k}={v}" for k, v in trained.normalization.to_dict().items()))
+    print(f"epochs trained: {trained.training.get('epoch', len(history))}")
+    vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
+    if vals:
+        best = min(vals)
+        print(f"best val_loss: {best:.4f} nats/char ({best / 0.6931471805599453:.4f} bits/char)")
+    if history:
+        print(f"last training loss: {history[-1]['loss']:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CharLSTMError as err:
+        print(f"charlstm: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0

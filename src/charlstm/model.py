@@ -1,0 +1,173 @@
+"""Stage 4: the network. ``ModelConfig`` says what it is, ``CharLSTM`` computes it.
+
+Input encodings:
+* ``scaled``    - the tutorial's: one feature, ``id / vocab_size``;
+* ``onehot``    - one feature per character;
+* ``embedding`` - a learned vector per character (the modern default).
+
+Targets: ``last`` (the tutorial: one prediction per window) or ``all`` (every position
+predicts its next character). Layers are stacked single LSTMs, each followed by dropout as in
+the tutorial's Keras models. ``recurrent_activation='hard_sigmoid'`` reproduces Keras 2's
+LSTM (used by imported checkpoints); 'sigmoid' uses PyTorch's fused LSTM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CharLSTMError
+
+INPUTS = ("scaled", "onehot", "embedding")
+TARGETS = ("last", "all")
+RECURRENT_ACTIVATIONS = ("sigmoid", "hard_sigmoid")
+LIMITS = {"vocab_size": 65535, "layers": 64, "units": 16384, "embedding_dim": 16384, "window": 1_000_000}
+
+State = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    input: str = "embedding"
+    embedding_dim: int = 64
+    layers: int = 2
+    units: int = 256
+    dropout: float = 0.2
+    input_dropout: float = 0.0
+    recurrent_activation: str = "sigmoid"
+    target: str = "all"
+    window: int = 100
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= limit:
+                raise CharLSTMError(f"model {name} must be an integer in [1, {limit}], not {value!r}")
+        for name, allowed in (("input", INPUTS), ("target", TARGETS),
+                              ("recurrent_activation", RECURRENT_ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise CharLSTMError(f"model {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        for name in ("dropout", "input_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise CharLSTMError(f"--{name.replace('_', '-')} must be in [0, 1), not {value!r}")
+
+    @property
+    def input_size(self) -> int:
+        return {"scaled": 1, "onehot": self.vocab_size, "embedding": self.embedding_dim}[self.input]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CharLSTMError(f"unknown model settings in checkpoint: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """Keras 2's definition: clip(0.2 x + 0.5, 0, 1) (not PyTorch's x/6 + 1/2)."""
+    return torch.clamp(0.2 * x + 0.5, 0.0, 1.0)
+
+
+class LoopLSTM(nn.Module):
+    """One LSTM layer computed step by step, with a chosen gate activation.
+
+    Parameters are named and shaped like a one-layer ``nn.LSTM`` (gate order i, f, g, o),
+    so checkpoints do not depend on which implementation runs.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, gate_activation=hard_sigmoid) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.gate_activation = gate_activation
+        self.weight_ih_l0 = nn.Parameter(torch.empty(4 * hidden_size, input_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
+        self.bias_ih_l0 = nn.Parameter(torch.zeros(4 * hidden_size))
+        self.bias_hh_l0 = nn.Parameter(torch.zeros(4 * hidden_size))
+        bound = hidden_size ** -0.5
+        for w in (self.weight_ih_l0, self.weight_hh_l0):
+            nn.init.uniform_(w, -bound, bound)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        h, c = state[0][0], state[1][0]
+        projected = F.linear(x, self.weight_ih_l0, self.bias_ih_l0 + self.bias_hh_l0)
+        outputs = []
+        for t in range(x.shape[1]):
+            gates = projected[:, t] + h @ self.weight_hh_l0.T
+            i, f, g, o = gates.chunk(4, dim=-1)
+            i, f, o = self.gate_activation(i), self.gate_activation(f), self.gate_activation(o)
+            c = f * c + i * torch.tanh(g)
+            h = o * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), (h[None], c[None])
+
+
+class CharLSTM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.input == "embedding":
+            self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
+        self.input_dropout = nn.Dropout(config.input_dropout)
+        sizes = [config.input_size] + [config.units] * config.layers
+        self.lstms = nn.ModuleList(self._make_layer(sizes[i], config.units) for i in range(config.layers))
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.units, config.vocab_size)
+
+    def _make_layer(self, input_size: int, units: int) -> nn.Module:
+        if self.config.recurrent_activation == "hard_sigmoid":
+            return LoopLSTM(input_size, units, hard_sigmoid)
+        return nn.LSTM(input_size, units, batch_first=True)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def initial_state(self, batch_size: int, device=None, dtype=torch.float32) -> State:
+        device = device or self.head.weight.device
+        zeros = lambda: torch.zeros(1, batch_size, self.config.units, device=device, dtype=dtype)  # noqa: E731
+        return [(zeros(), zeros()) for _ in range(self.config.layers)]
+
+    def encode_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        kind = self.config.input
+        if kind == "embedding":
+            x = self.embedding(ids)
+        elif kind == "onehot":
+            x = F.one_hot(ids, self.config.vocab_size).to(self.head.weight.dtype)
+        else:
+            x = (ids.to(self.head.weight.dtype) / self.config.vocab_size).unsqueeze(-1)
+        return self.input_dropout(x)
+
+    def forward(self, ids: torch.Tensor, state: State | None = None, last_only: bool = False):
+        """ids (B, T) -> logits (B, T, V) or (B, V) with ``last_only``, and the new state."""
+        if state is None:
+            state = self.initial_state(ids.shape[0], device=ids.device)
+        x = self.encode_inputs(ids)
+        new_state: State = []
+        for lstm, layer_state in zip(self.lstms, state):
+            x, layer_state = lstm(x, layer_state)
+            x = self.dropout(x)
+            new_state.append(layer_state)
+        if last_only:
+            x = x[:, -1]
+        return self.head(x), new_state
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, state: State | None = None):
+        """One character per stream: ids (B,) -> logits (B, V), new state."""
+        logits, state = self.forward(ids[:, None], state)
+        return logits[:, 0], state
+
+
+def detach_state(state: State) -> State:
+    return [(h.detach(), c.detach()) for h, c in state]
