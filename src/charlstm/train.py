@@ -66,6 +66,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise CharLSTMError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise CharLSTMError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise CharLSTMError(f"--time-budget must be positive seconds, not {self.time_budget}")
         if self.clip < 0 or self.warmup_steps < 0 or self.patience < 0 or self.weight_decay < 0:

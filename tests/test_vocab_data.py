@@ -1,0 +1,85 @@
+"""Stages 2 and 3: vocabulary and batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from charlstm.corpus import Corpus
+from charlstm.data import StreamBatches, WindowBatches, load_ids, save_ids, split_train_val
+from charlstm.errors import CharLSTMError
+from charlstm.vocab import Vocab
+
+
+def test_vocab_is_sorted_like_the_tutorial_and_round_trips(pg11):
+    text = Corpus.from_files(pg11).text
+    vocab = Vocab.from_text(text)
+    assert list(vocab.chars) == sorted(set(text))
+    ids = vocab.encode(text)
+    assert ids.dtype == np.uint8 and len(ids) == len(text)
+    assert vocab.decode(ids[:500]) == text[:500]
+    assert Vocab.from_json(vocab.to_json()) == vocab
+
+
+def test_large_vocab_uses_uint16():
+    vocab = Vocab.from_text("".join(chr(0x4E00 + i) for i in range(300)))
+    assert vocab.encode(vocab.chars[-1] * 3).dtype == np.uint16
+
+
+def test_unknown_characters_are_named_or_skipped():
+    vocab = Vocab.from_text("abc ")
+    with pytest.raises(CharLSTMError, match="'x'"):
+        vocab.encode("a x")
+    assert vocab.decode(vocab.encode("a x", unknown="skip")) == "a "
+
+
+def test_split_keeps_the_last_tenth_for_validation():
+    ids = np.arange(1000)
+    train, val = split_train_val(ids, 0.1)
+    assert len(train) == 900 and val[0] == 900 and val[-1] == 999
+    assert len(split_train_val(ids, 0.0)[1]) == 0
+    with pytest.raises(CharLSTMError):
+        split_train_val(ids, 1.0)
+
+
+def test_window_batches_are_the_tutorial_patterns():
+    ids = np.arange(250, dtype=np.uint16)
+    batches = WindowBatches(ids, window=100, batch_size=32, shuffle=False)
+    assert batches.num_patterns == 150  # Total Patterns = n_chars - seq_length
+    x, y = next(batches.epoch())
+    assert x.shape == (32, 100) and y.shape == (32,)
+    assert x[5].tolist() == list(range(5, 105)) and y[5].item() == 105
+    seen = np.concatenate([y.numpy() for _, y in batches.epoch()])
+    assert sorted(seen.tolist()) == list(range(100, 250))
+
+
+def test_window_shuffle_is_seeded_and_complete():
+    ids = np.arange(300)
+    one = [y.tolist() for _, y in WindowBatches(ids, 10, 16, seed=3).epoch(1)]
+    two = [y.tolist() for _, y in WindowBatches(ids, 10, 16, seed=3).epoch(1)]
+    other_epoch = [y.tolist() for _, y in WindowBatches(ids, 10, 16, seed=3).epoch(2)]
+    assert one == two and one != other_epoch
+    assert sorted(sum(one, [])) == list(range(10, 300))
+
+
+def test_stream_batches_continue_each_other():
+    ids = np.arange(1001)
+    batches = StreamBatches(ids, batch_size=4, bptt=30)
+    pieces = list(batches.epoch())
+    assert len(pieces) == len(batches) == 9  # 250 per stream, 30 per piece
+    first, second = pieces[0], pieces[1]
+    assert (first[1] == first[0] + 1).all()
+    assert (second[0][:, 0] == first[0][:, -1] + 1).all()  # next piece continues each stream
+    assert first[0][1, 0].item() == 250  # stream 1 starts a quarter in
+
+
+def test_too_short_text_is_a_clear_error():
+    with pytest.raises(CharLSTMError, match="fewer than the window"):
+        WindowBatches(np.arange(50), window=100, batch_size=4)
+
+
+def test_ids_memory_map_round_trip(tmp_path):
+    ids = np.arange(10_000, dtype=np.uint16) % 300
+    save_ids(tmp_path / "ids.npy", ids)
+    loaded = load_ids(tmp_path / "ids.npy")
+    assert isinstance(loaded, np.memmap) and (loaded == ids).all()
