@@ -83,3 +83,30 @@ def test_ids_memory_map_round_trip(tmp_path):
     save_ids(tmp_path / "ids.npy", ids)
     loaded = load_ids(tmp_path / "ids.npy")
     assert isinstance(loaded, np.memmap) and (loaded == ids).all()
+
+
+def test_stateful_windows_continue_each_other_across_batches():
+    from charlstm.data import StatefulWindowBatches
+
+    ids = np.arange(1000)
+    batches = StatefulWindowBatches(ids, window=10, batch_size=4)
+    pieces = list(batches.epoch())
+    assert len(pieces) == len(batches) == 24  # 250 per stream, (250 - 1) // 10 windows
+    (x0, y0), (x1, y1) = pieces[0], pieces[1]
+    assert (x1[:, 0] == x0[:, -1] + 1).all()  # row i of batch k+1 continues row i of batch k
+    assert (y0 == x0[:, -1] + 1).all() and (y0 == x1[:, 0]).all()
+    assert x0[2, 0].item() == 500
+
+
+def test_sentence_batches_pad_with_ignored_targets_and_split_long_sentences():
+    from charlstm.data import IGNORE_INDEX, SentenceBatches
+
+    ids = np.arange(100)
+    spans = [(0, 5), (5, 30), (30, 31), (31, 100)]
+    batches = SentenceBatches(ids, spans, batch_size=16, max_len=20, shuffle=False)
+    assert batches.long_sentences == 2  # 25 and 69 characters > 21
+    x, y = next(batches.epoch())
+    real = y != IGNORE_INDEX
+    assert (y[real] == x[real] + 1).all()  # every real position predicts the next id
+    assert real.sum().item() == batches.num_targets == 4 + 24 + 68
+    assert real[0].tolist() == [True] * 4 + [False] * 16  # a 5-char sentence: 4 targets, then padding

@@ -116,3 +116,95 @@ def random_windows(ids: np.ndarray, window: int, count: int, seed: int) -> np.nd
         return np.asarray(ids)[None, :]
     starts = np.random.default_rng(seed).integers(0, len(ids) - window, size=count)
     return np.stack([np.asarray(ids[s:s + window]) for s in starts])
+
+
+IGNORE_INDEX = -100  # targets at padded positions; the loss skips them
+
+
+@dataclass
+class StatefulWindowBatches:
+    """The tutorial's one-target windows, laid out for Keras-style ``stateful=True`` training.
+
+    The text is cut into ``batch_size`` contiguous streams; batch ``k`` holds window ``k`` of
+    every stream, so row ``i`` of batch ``k + 1`` continues row ``i`` of batch ``k`` and the
+    recurrent state can be carried between them. Windows do not overlap; the target of a
+    window is the character right after it.
+    """
+
+    ids: np.ndarray
+    window: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        self.stream_len = len(self.ids) // self.batch_size
+        if self.stream_len <= self.window:
+            raise CharLSTMError(
+                f"the text ({len(self.ids)} characters) is too short for {self.batch_size} stateful "
+                f"streams of at least one window of {self.window}"
+            )
+        n = self.stream_len * self.batch_size
+        self._streams = np.asarray(self.ids[:n]).reshape(self.batch_size, self.stream_len)
+
+    def __len__(self) -> int:
+        return (self.stream_len - 1) // self.window
+
+    @property
+    def num_patterns(self) -> int:
+        return len(self) * self.batch_size
+
+    def epoch(self, epoch: int = 0, start_batch: int = 0):
+        for b in range(start_batch, len(self)):
+            block = self._streams[:, b * self.window:(b + 1) * self.window + 1].astype(np.int64)
+            yield torch.from_numpy(block[:, :-1]), torch.from_numpy(block[:, -1])
+
+
+@dataclass
+class SentenceBatches:
+    """Padded sentences: every position predicts the next character, padding is never scored.
+
+    ``spans`` are (start, end) offsets of sentences in ``ids`` (see ``sentences.py``). A
+    sentence longer than ``max_len`` + 1 characters is cut into consecutive pieces of that
+    size (nothing is dropped); ``long_sentences`` counts them. Padding goes on the right, so
+    it cannot change what the network computes for the real characters before it.
+    """
+
+    ids: np.ndarray
+    spans: list[tuple[int, int]]
+    batch_size: int
+    max_len: int
+    shuffle: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        pieces, self.long_sentences = [], 0
+        for start, end in self.spans:
+            if end - start > self.max_len + 1:
+                self.long_sentences += 1
+            for piece_start in range(start, end - 1, self.max_len):
+                pieces.append((piece_start, min(end, piece_start + self.max_len + 1)))
+        if not pieces:
+            raise CharLSTMError("no sentence of two or more characters to train on")
+        self.pieces = np.array(pieces, dtype=np.int64)
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.pieces[:, 1] - self.pieces[:, 0] - 1).sum())
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.pieces) / self.batch_size)
+
+    def epoch(self, epoch: int = 0, start_batch: int = 0):
+        """Yield ``(x, y)``: (B, T) int64, T = the longest piece in the batch minus one."""
+        order = np.arange(len(self.pieces))
+        if self.shuffle:
+            np.random.default_rng((self.seed, epoch)).shuffle(order)
+        for b in range(start_batch, len(self)):
+            chosen = self.pieces[order[b * self.batch_size:(b + 1) * self.batch_size]]
+            width = int((chosen[:, 1] - chosen[:, 0]).max()) - 1
+            x = np.zeros((len(chosen), width), dtype=np.int64)
+            y = np.full((len(chosen), width), IGNORE_INDEX, dtype=np.int64)
+            for row, (start, end) in enumerate(chosen):
+                piece = np.asarray(self.ids[start:end], dtype=np.int64)
+                x[row, :len(piece) - 1] = piece[:-1]
+                y[row, :len(piece) - 1] = piece[1:]
+            yield torch.from_numpy(x), torch.from_numpy(y)
