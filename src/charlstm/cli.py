@@ -13,6 +13,7 @@ from . import checkpoint
 from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization
 from .errors import CharLSTMError
 from .generate import MODES, Generator, SamplingConfig
+from .keras_import import CHECK_CHARS, ImportOptions, TextReading, import_keras, keras_stem
 from .train import PRESETS, evaluate_ids, fit
 
 EXIT_USAGE = 2
@@ -129,7 +130,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a checkpoint holds")
     p.add_argument("checkpoint", type=Path)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("import-keras", help="convert a Keras checkpoint (the tutorial's .hdf5) to charlstm")
+    _add_import_keras_args(p)
+    p.set_defaults(func=cmd_import_keras)
     return parser
+
+
+KERAS_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "tanh", "relu", "linear")
+
+
+def _add_import_keras_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("keras_file", type=Path, metavar="FILE",
+                   help="Keras .hdf5/.h5 model or weights file, Keras 3 .weights.h5 or .keras")
+    p.add_argument("--text", type=Path, required=True, metavar="FILE",
+                   help="the text the model was trained on (its vocabulary is rebuilt from it)")
+    p.add_argument("-o", "--output", type=Path,
+                   help="checkpoint to write (default: FILE's name with .safetensors, in this folder)")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing the stored seed windows")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip scoring a piece of the text (which refuses texts the model predicts worse than chance)")
+    g = p.add_argument_group("reading the text as the training script did (default: UTF-8, a leading BOM "
+                             "dropped, line ends kept, lowercased)")
+    g.add_argument("--keep-case", action="store_true", help="the script did not lowercase the text")
+    g.add_argument("--keep-bom", action="store_true", help="a leading byte-order mark counted as a character")
+    g.add_argument("--universal-newlines", action="store_true", help="CRLF and CR were read as LF")
+    g.add_argument("--bytes", action="store_true", help="one character per byte (Python 2)")
+    g = p.add_argument_group("what a weights-only file does not say (a full-model file's config wins "
+                             "unless these are given)")
+    g.add_argument("--window", type=_positive_int, help="input length in characters (default 100)")
+    g.add_argument("--activation", choices=KERAS_ACTIVATIONS, help="LSTM activation (default tanh)")
+    g.add_argument("--recurrent-activation", choices=KERAS_ACTIVATIONS,
+                   help="LSTM gate activation (default: that of the file's Keras version)")
 
 
 # ----------------------------------------------------------------------- commands
@@ -216,12 +248,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"vocabulary: {len(trained.vocab)} characters {''.join(trained.vocab.chars)!r}")
     print("normalization: " + ", ".join(f"{k}={v}" for k, v in trained.normalization.to_dict().items()))
     print(f"epochs trained: {trained.training.get('epoch', len(history))}")
+    keras = trained.training.get("keras")
+    if isinstance(keras, dict):
+        loss = trained.training.get("loss")
+        print(f"imported from Keras: {keras.get('file')} ({keras.get('format')}), text {keras.get('text')}"
+              + (f", training loss {loss}" if loss is not None else ""))
     vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
     if vals:
         best = min(vals)
         print(f"best val_loss: {best:.4f} nats/char ({best / 0.6931471805599453:.4f} bits/char)")
     if history:
         print(f"last training loss: {history[-1]['loss']:.4f}")
+    return 0
+
+
+def cmd_import_keras(args: argparse.Namespace) -> int:
+    reading = TextReading(lowercase=not args.keep_case, keep_bom=args.keep_bom,
+                          universal_newlines=args.universal_newlines, as_bytes=args.bytes)
+    options = ImportOptions(reading=reading, window=args.window, activation=args.activation,
+                            recurrent_activation=args.recurrent_activation, seed=args.seed,
+                            check_chars=0 if args.no_check else CHECK_CHARS)
+    result = import_keras(args.keras_file, args.text, options)
+    output = args.output or Path(keras_stem(args.keras_file.name) + checkpoint.SUFFIX)
+    checkpoint.save(output, result.trained)
+    print(result.description)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"vocabulary: {len(result.trained.vocab)} characters of {args.text} ({reading.describe()})")
+    if result.check_loss is not None:
+        stated = result.trained.training.get("loss")
+        hint = f" (the file name says loss {stated})" if stated is not None else ""
+        print(f"check: {result.check_loss:.4f} nats/char on {result.check_chars} characters of the text{hint}")
+    print(f"wrote {output}")
     return 0
 
 
