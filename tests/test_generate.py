@@ -13,8 +13,8 @@ import torch
 from charlstm import CharLSTM, CharLSTMError, Generator, ModelConfig, SamplingConfig, TrainedModel, Vocab
 from charlstm import checkpoint
 from charlstm.cli import main
-from charlstm.fast_step import NATIVE_CACHE_ENV, make_stepper, native_library
-from charlstm.generate import BatchSampler, StopMatcher, stream_uniforms
+from charlstm.fast_step import NATIVE_CACHE_ENV, NativeSampler, make_stepper, native_library
+from charlstm.generate import BatchSampler, StopMatcher, numpy_draw, stream_uniforms
 
 LEAN_BACKENDS = ("native", "torch")
 ALL_BACKENDS = ("native", "torch", "module")
@@ -134,7 +134,7 @@ def test_top_k_never_samples_outside_the_k_best():
     sampler = many_streams(SamplingConfig(temperature=2.0, top_k=5), 4000)
     picks = sampler.pick(np.repeat(logits, 4000, axis=0), step=0)
     assert set(picks.tolist()) == best  # every one of the k best is reachable, nothing else
-    probs = sampler.probabilities(logits)[0]
+    probs = BatchSampler([SamplingConfig(temperature=2.0, top_k=5)], [0]).probabilities(logits)[0]
     assert set(np.flatnonzero(probs).tolist()) == best
 
 
@@ -155,12 +155,27 @@ def test_top_k_and_top_p_combine():
     assert np.count_nonzero(probs) == 2 and probs.sum() == pytest.approx(1.0)
 
 
-def test_sampling_follows_the_tempered_distribution():
+@pytest.mark.parametrize("draw", ["numpy", "native"])
+def test_sampling_follows_the_tempered_distribution(draw):
     logits = np.array([[2.0, 1.0, 0.5, 0.0, -3.0]], dtype=np.float32)
     expected = torch.softmax(torch.tensor(logits[0], dtype=torch.float64) / 0.7, -1).numpy()
-    picks = many_streams(SamplingConfig(0.7), 20000).pick(np.repeat(logits, 20000, axis=0), step=3)
+    plain_draw = NativeSampler(native_library()) if draw == "native" else None
+    sampler = BatchSampler([SamplingConfig(0.7)] * 20000, list(range(20000)), plain_draw)
+    picks = sampler.pick(np.repeat(logits, 20000, axis=0), step=3)
     observed = np.bincount(picks, minlength=5) / 20000
     np.testing.assert_allclose(observed, expected, atol=0.015)
+
+
+def test_native_and_numpy_temperature_draws_agree():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(scale=3.0, size=(3000, 60)).astype(np.float32)
+    logits[:, 50:] = -200.0  # weights that underflow to zero are never drawn
+    inverse_t = 1.0 / rng.uniform(0.05, 3.0, size=3000)
+    uniforms = stream_uniforms([1], 0, 3000)[:, 0]
+    uniforms[:3] = [0.0, 1.0 - 2.0 ** -52, 0.5]
+    native = NativeSampler(native_library())(logits, inverse_t, uniforms)
+    np.testing.assert_array_equal(native, numpy_draw(logits, inverse_t, uniforms))
+    assert native.max() < 50
 
 
 def test_temperature_near_zero_equals_greedy(vocab, prime):

@@ -42,7 +42,7 @@ from .model import CharLSTM, State
 BACKENDS = ("auto", "native", "torch", "module")
 LEAN_GATES = ("sigmoid", "hard_sigmoid")  # gate activations the lean backends implement (cell: tanh)
 CHUNK = 64                       # outputs per packed panel; must match lstm_step.c
-NATIVE_ABI = 1                   # must match charlstm_abi_version() in lstm_step.c
+NATIVE_ABI = 2                   # must match charlstm_abi_version() in lstm_step.c
 MAX_TABLE_FLOATS = 1 << 26       # 256 MB: above this layer 0's input is projected per step
 NATIVE_CACHE_ENV = "CHARLSTM_NATIVE_CACHE"
 COMPILE_TIMEOUT_S = 120
@@ -343,6 +343,8 @@ def native_library(cache_dir: Path | None = None) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(library))
     lib.charlstm_step.argtypes = [ctypes.c_void_p]
     lib.charlstm_step.restype = ctypes.c_int
+    lib.charlstm_sample.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_int64] + [ctypes.c_void_p] * 4
+    lib.charlstm_sample.restype = None
     if lib.charlstm_abi_version() != NATIVE_ABI:
         raise CharLSTMError(f"{library} is not the expected native kernel; delete it and retry")
     return lib
@@ -357,7 +359,7 @@ def _compile(compiler: str, source: bytes, library: Path, failure: Path) -> None
     try:
         # -march=native for this CPU's widest vectors; plain -O3 where the compiler refuses it
         for arch in (["-march=native"], []):
-            cmd = [compiler, "-O3", *arch, "-shared", "-fPIC", "-o", str(tmp), str(src)]
+            cmd = [compiler, "-O3", *arch, "-shared", "-fPIC", "-o", str(tmp), str(src), "-lm"]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
             except (OSError, subprocess.TimeoutExpired) as err:
@@ -409,6 +411,24 @@ def lean_supported(model: CharLSTM) -> bool:
     """Whether the lean backends implement this model's layers (gate and cell activations)."""
     cfg = model.config
     return cfg.recurrent_activation in LEAN_GATES and getattr(cfg, "activation", "tanh") == "tanh"
+
+
+class NativeSampler:
+    """Temperature sampling (no top-k or top-p) in C: the per-step cost of the NumPy path is
+    a dozen small array calls, as much as a small model's whole step."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._sample = library.charlstm_sample
+
+    def __call__(self, logits: np.ndarray, inverse_temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        if logits.dtype != np.float32 or logits.strides[1] != 4:
+            logits = np.ascontiguousarray(logits, dtype=np.float32)
+        inverse_temperature = np.ascontiguousarray(inverse_temperature, dtype=np.float64)
+        uniforms = np.ascontiguousarray(uniforms, dtype=np.float64)
+        out = np.empty(len(logits), dtype=np.int64)
+        self._sample(len(logits), logits.shape[1], logits.strides[0] // 4, logits.ctypes.data,
+                     inverse_temperature.ctypes.data, uniforms.ctypes.data, out.ctypes.data)
+        return out
 
 
 def make_stepper(model: CharLSTM, batch_size: int, backend: str = "auto",

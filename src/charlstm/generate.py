@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .checkpoint import TrainedModel
 from .errors import CharLSTMError
-from .fast_step import BACKENDS, LeanWeights, Stepper, lean_supported, make_stepper
+from .fast_step import (BACKENDS, LeanWeights, NativeSampler, Stepper, lean_supported, make_stepper,
+                        native_library)
 
 MODES = ("auto", "stateful", "window")
 MAX_LENGTH = 10_000_000
@@ -70,73 +71,122 @@ def stream_uniforms(seeds: Sequence[int], first_step: int, steps: int) -> np.nda
     return (bits >> np.uint64(12)).astype(np.float64) * 2.0 ** -52
 
 
-class BatchSampler:
-    """Picks the next id of every stream from its logits, each stream with its own settings."""
+Draw = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
-    def __init__(self, samplings: Sequence[SamplingConfig], seeds: Sequence[int]) -> None:
+
+def tempered_weights(logits: np.ndarray, inverse_temperature: np.ndarray) -> np.ndarray:
+    """exp(z - max z) per row, z = logits / temperature, in float64."""
+    z = np.multiply(logits, inverse_temperature[:, None], dtype=np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    return np.exp(z, out=z)
+
+
+def inverse_cdf(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Per row, the first id whose running weight exceeds u * total; u < 1 - 2**-52 keeps
+    u * total below total, so an id of weight 0 is never drawn."""
+    cdf = np.cumsum(weights, axis=1)
+    return (cdf <= (uniforms * cdf[:, -1])[:, None]).sum(axis=1)
+
+
+def numpy_draw(logits: np.ndarray, inverse_temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    return inverse_cdf(tempered_weights(logits, inverse_temperature), uniforms)
+
+
+@dataclass
+class _Group:
+    """The streams of a batch that are sampled the same way, with their settings."""
+
+    rows: np.ndarray
+    everyone: bool                    # the group is the whole batch (no row selection needed)
+    inverse_temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+
+    @classmethod
+    def of(cls, samplings: Sequence[SamplingConfig], rows: list[int]) -> "_Group":
+        return cls(np.array(rows, dtype=np.int64), len(rows) == len(samplings),
+                   np.array([1.0 / samplings[i].temperature for i in rows], dtype=np.float64),
+                   np.array([samplings[i].top_k for i in rows], dtype=np.int64),
+                   np.array([samplings[i].top_p for i in rows], dtype=np.float64))
+
+
+class BatchSampler:
+    """Picks the next id of every stream from its logits, each stream with its own settings.
+
+    Each stream goes by its own settings alone into one of three groups, so that it is
+    treated the same in any batch: greedy (argmax), plain temperature (``plain_draw``: the C
+    sampler where the native kernel is loaded, else NumPy) and filtered (top-k / top-p).
+    """
+
+    def __init__(self, samplings: Sequence[SamplingConfig], seeds: Sequence[int],
+                 plain_draw: Draw | None = None) -> None:
         if len(samplings) != len(seeds):
             raise ValueError("one seed per stream")
         for sampling in samplings:
             sampling.validate()
-        temperature = np.array([s.temperature for s in samplings], dtype=np.float64)
-        self.rows = np.flatnonzero(temperature > 0)       # the sampled (not greedy) streams
-        self.all_rows = len(self.rows) == len(samplings)
-        self.inverse_temperature = 1.0 / temperature[self.rows, None]
-        self.top_k = np.array([samplings[i].top_k for i in self.rows], dtype=np.int64)
-        self.top_p = np.array([samplings[i].top_p for i in self.rows], dtype=np.float64)
-        self.filtered = bool((self.top_k > 0).any() or (self.top_p < 1.0).any())
+        kinds = ["greedy" if s.temperature == 0 else "filtered" if s.top_k or s.top_p < 1 else "plain"
+                 for s in samplings]
+        self.size = len(samplings)
+        self.any_greedy = "greedy" in kinds
+        self.plain = _Group.of(samplings, [i for i, k in enumerate(kinds) if k == "plain"])
+        self.filtered = _Group.of(samplings, [i for i, k in enumerate(kinds) if k == "filtered"])
+        self.plain_draw = plain_draw or numpy_draw
         self.seeds = list(seeds)
         self._block_start, self._block = -UNIFORM_BLOCK, np.empty((0, 0))
 
     def pick(self, logits: np.ndarray, step: int) -> np.ndarray:
         """logits (B, V) -> ids (B,), using random number ``step`` of each sampled stream."""
-        if not len(self.rows):
-            return logits.argmax(axis=1)
-        cdf = np.cumsum(self._weights(logits), axis=1)
-        # inverse CDF; u < 1 - 2**-52 keeps u * total below total, so zero-weight tails are never drawn
-        target = self._uniform(step) * cdf[:, -1]
-        drawn = (cdf <= target[:, None]).sum(axis=1)
-        if self.all_rows:
-            return drawn
-        chosen = logits.argmax(axis=1)
-        chosen[self.rows] = drawn
+        chosen = logits.argmax(axis=1) if self.any_greedy else np.empty(self.size, dtype=np.int64)
+        for group, draw in ((self.plain, self.plain_draw), (self.filtered, self._filtered_draw)):
+            if group.everyone:
+                return draw(logits, group.inverse_temperature, self._uniform(step))
+            if len(group.rows):
+                rows = group.rows
+                chosen[rows] = draw(logits[rows], group.inverse_temperature, self._uniform(step)[rows])
         return chosen
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """The distribution each sampled stream draws from (rows of ``self.rows``)."""
-        weights = self._weights(logits)
-        return weights / weights.sum(axis=1, keepdims=True)
+        """The distribution each stream draws from (greedy streams: all mass on the argmax)."""
+        probs = np.zeros(logits.shape, dtype=np.float64)
+        probs[np.arange(len(logits)), logits.argmax(axis=1)] = 1.0
+        for group in (self.plain, self.filtered):
+            if len(group.rows):
+                weights = self._filtered_weights(logits[group.rows], group)
+                probs[group.rows] = weights / weights.sum(axis=1, keepdims=True)
+        return probs
 
-    def _weights(self, logits: np.ndarray) -> np.ndarray:
-        """Unnormalised probabilities after temperature, top-k and top-p (float64)."""
-        z = np.multiply(logits if self.all_rows else logits[self.rows], self.inverse_temperature, dtype=np.float64)
-        if self.filtered:
-            z[z < self._threshold(z)[:, None]] = -np.inf
+    def _filtered_draw(self, logits: np.ndarray, _: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        return inverse_cdf(self._filtered_weights(logits, self.filtered), uniforms)
+
+    @staticmethod
+    def _filtered_weights(logits: np.ndarray, group: _Group) -> np.ndarray:
+        z = np.multiply(logits, group.inverse_temperature[:, None], dtype=np.float64)
+        z[z < _threshold(z, group.top_k, group.top_p)[:, None]] = -np.inf
         z -= z.max(axis=1, keepdims=True)
         return np.exp(z, out=z)
 
-    def _threshold(self, z: np.ndarray) -> np.ndarray:
-        """Per row, the smallest scaled logit that top-k and top-p keep (ties are all kept)."""
-        rows, vocab = z.shape
-        desc = -np.sort(-z, axis=1)
-        keep = np.where((self.top_k > 0) & (self.top_k < vocab), self.top_k, vocab)
-        nucleus = self.top_p < 1.0
-        if nucleus.any():
-            within_k = np.where(np.arange(vocab) < keep[:, None], desc, -np.inf)
-            probs = np.exp(within_k - within_k[:, :1])
-            probs /= probs.sum(axis=1, keepdims=True)
-            mass_before = np.cumsum(probs, axis=1) - probs
-            # the smallest prefix whose mass reaches top_p: every token with less mass before it
-            needed = (mass_before < self.top_p[:, None]).sum(axis=1)
-            keep = np.where(nucleus, np.minimum(needed, keep), keep)
-        return desc[np.arange(rows), keep - 1]
-
     def _uniform(self, step: int) -> np.ndarray:
-        """Random number ``step`` of each sampled stream."""
+        """Random number ``step`` of every stream."""
         if not self._block_start <= step < self._block_start + UNIFORM_BLOCK:
             self._block_start = step - step % UNIFORM_BLOCK
-            self._block = stream_uniforms(self.seeds, self._block_start, UNIFORM_BLOCK)[:, self.rows]
+            self._block = stream_uniforms(self.seeds, self._block_start, UNIFORM_BLOCK)
         return self._block[step - self._block_start]
+
+
+def _threshold(z: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+    """Per row, the smallest scaled logit that top-k and then top-p keep (ties all kept)."""
+    rows, vocab = z.shape
+    desc = -np.sort(-z, axis=1)
+    keep = np.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    nucleus = top_p < 1.0
+    if nucleus.any():
+        within_k = np.where(np.arange(vocab) < keep[:, None], desc, -np.inf)
+        weights = np.exp(within_k - within_k[:, :1])
+        cdf = np.cumsum(weights, axis=1)
+        # the smallest prefix whose mass reaches top_p: every id with less mass before it
+        needed = (cdf - weights < top_p[:, None] * cdf[:, -1:]).sum(axis=1)
+        keep = np.where(nucleus, np.minimum(needed, keep), keep)
+    return desc[np.arange(rows), keep - 1]
 
 
 # ----------------------------------------------------------------------------- stop strings
@@ -262,7 +312,7 @@ class Generator:
             seeds = [base + i for i in range(len(samplings))]
         if any(not s for s in stop):
             raise CharLSTMError("a stop string must not be empty")
-        sampler = BatchSampler(samplings, seeds)
+        sampler = BatchSampler(samplings, seeds, self._plain_draw())
         mode = self.resolve_mode(mode)
         ids = self.prepare_prime(prime, prime_unknown)
         yield from self._run(ids, length, sampler, mode, [StopMatcher(stop) for _ in samplings])
@@ -289,6 +339,15 @@ class Generator:
         if self._lean is None and self.backend != "module" and lean_supported(self.model):
             self._lean = LeanWeights.from_model(self.model)
         return make_stepper(self.model, batch_size, self.backend, self._lean)
+
+    def _plain_draw(self) -> Draw | None:
+        """The C temperature sampler where the native kernel is wanted and loads."""
+        if self.backend not in ("auto", "native"):
+            return None
+        try:
+            return NativeSampler(native_library())
+        except CharLSTMError:
+            return None  # NumPy draws instead; a native stepper, if asked for, says why
 
     def _stateful_steps(self, ids: list[int], streams: int):
         # prime one stream, then give its state to every stream of the batch

@@ -18,6 +18,7 @@
  * Each accumulator sums over k in the same order whatever the batch size, so a stream's
  * numbers do not depend on which other streams share its batch.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -175,5 +176,32 @@ int charlstm_step(const Net *net)
     return 0;
 }
 
+/* Temperature sampling by inverse CDF, the rule of charlstm.generate's NumPy path: weights
+ * exp((z - max z)) with z = logit / temperature, in double; row r takes the first id whose
+ * running weight exceeds u[r] * total (u < 1 - 2^-52, so a zero weight is never taken). */
+void charlstm_sample(int32_t rows, int32_t vocab, int64_t stride, const float *logits,
+                     const double *inv_temperature, const double *u, int64_t *out)
+{
+    for (int r = 0; r < rows; r++) {
+        const float *l = logits + r * stride;
+        const double scale = inv_temperature[r];
+        double top = (double)l[0] * scale;
+        for (int j = 1; j < vocab; j++)
+            top = (double)l[j] * scale > top ? (double)l[j] * scale : top;
+        double total = 0.0;
+        for (int j = 0; j < vocab; j++)
+            total += exp((double)l[j] * scale - top);
+        const double target = u[r] * total;
+        double running = 0.0;
+        int j = 0;
+        for (; j < vocab - 1; j++) {
+            running += exp((double)l[j] * scale - top);
+            if (running > target)
+                break;
+        }
+        out[r] = j;
+    }
+}
+
 /* Lets the loader check that it talks to the file it compiled. */
-int charlstm_abi_version(void) { return 1; }
+int charlstm_abi_version(void) { return 2; }
