@@ -8,7 +8,8 @@ the 2 x 256 default (embedding 64, target all):
 
 * ``window``: the tutorial's way, the last 100 characters re-run for every new one;
 * ``stateful`` on each step path (``module`` = nn.LSTM one step at a time, ``torch`` and
-  ``native`` = the lean path), one stream and batches of 8 and 64 streams;
+  ``native`` = the lean path), one stream and batches of 8 and 64 streams (64 also with
+  2 threads, each stepping half of the streams);
 * time to the first character from a fresh ``Generator`` with a 100-character prime.
 
 Models are randomly initialised: speed does not depend on what the weights say. Greedy
@@ -48,6 +49,7 @@ class Case:
     streams: int
     steps: int
     temperature: float = 0.0
+    threads: int | None = None  # None: the --threads setting
 
 
 def cases(quick: bool) -> list[Case]:
@@ -61,6 +63,7 @@ def cases(quick: bool) -> list[Case]:
         Case("stateful, native, 1 stream, temperature 1.0", "stateful", "native", 1, n(30000), 1.0),
         Case("stateful, native, 8 streams (total)", "stateful", "native", 8, n(6000)),
         Case("stateful, native, 64 streams (total)", "stateful", "native", 64, n(1000)),
+        Case("stateful, native, 64 streams (total), 2 threads", "stateful", "native", 64, n(1000), threads=2),
         Case("stateful, lean torch, 64 streams (total)", "stateful", "torch", 64, n(1000)),
     ]
 
@@ -120,8 +123,10 @@ def main() -> None:
         trained = TrainedModel(CharLSTM(ModelConfig(vocab_size=len(vocab), **config)).eval(), vocab)
         results[name] = {}
         for case in cases(args.quick):
+            torch.set_num_threads(case.threads or args.threads)
             gen = Generator(trained, backend=case.backend)
             results[name][case.label] = chars_per_second(gen, prime, case)
+        torch.set_num_threads(args.threads)
         first_char[name] = {mode: first_character_ms(trained, prime, mode) for mode in ("stateful", "window")}
 
     names = list(MODELS)

@@ -13,7 +13,8 @@ import torch
 from charlstm import CharLSTM, CharLSTMError, Generator, ModelConfig, SamplingConfig, TrainedModel, Vocab
 from charlstm import checkpoint
 from charlstm.cli import main
-from charlstm.fast_step import NATIVE_CACHE_ENV, NativeSampler, make_stepper, native_library
+from charlstm.fast_step import (NATIVE_CACHE_ENV, LeanWeights, NativeSampler, NativeStepper, make_stepper,
+                                native_library)
 from charlstm.generate import BatchSampler, StopMatcher, numpy_draw, stream_uniforms
 
 LEAN_BACKENDS = ("native", "torch")
@@ -89,12 +90,24 @@ def test_state_round_trips_between_the_model_and_the_stepper():
     ids = torch.randint(0, 20, (1, 30), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         _, state = model(ids)
-        next_logits, _ = model.step(torch.tensor([5, 6]), [(h.repeat(1, 2, 1), c.repeat(1, 2, 1)) for h, c in state])
+        both = [(h.repeat(1, 2, 1), c.repeat(1, 2, 1)) for h, c in state]
+        next_logits, _ = model.step(torch.tensor([5, 6]), both)
     stepper = make_stepper(model, 2, "native")
     stepper.load_state(state)  # one stream's state, broadcast to both
     np.testing.assert_allclose(stepper.step(np.array([5, 6])), next_logits.numpy(), atol=1e-5)
     h = stepper.state()[0][0]
     assert h.shape == (1, 2, 24) and not torch.equal(h[0, 0], h[0, 1])
+
+
+def test_threaded_shards_give_the_same_numbers_as_one_thread():
+    model = sharp_model(25, layers=2, units=32)
+    weights = LeanWeights.from_model(model)
+    one = NativeStepper(weights, 40, native_library(), threads=1)
+    three = NativeStepper(weights, 40, native_library(), threads=3)
+    assert (len(one._nets), len(three._nets)) == (1, 2)  # at least 16 streams per thread
+    ids = np.random.default_rng(0).integers(0, 25, size=(10, 40))
+    for row in ids:
+        np.testing.assert_array_equal(one.step(row), three.step(row))
 
 
 def test_native_backend_reports_a_missing_compiler_and_auto_falls_back(monkeypatch, tmp_path):
@@ -178,10 +191,12 @@ def test_native_and_numpy_temperature_draws_agree():
     assert native.max() < 50
 
 
-def test_temperature_near_zero_equals_greedy(vocab, prime):
+@pytest.mark.parametrize("temperature", [1e-4, 1e-300])
+def test_temperature_near_zero_equals_greedy(vocab, prime, temperature):
     logits = np.random.default_rng(4).normal(size=(500, 60)).astype(np.float32)
-    tiny = many_streams(SamplingConfig(1e-4), 500).pick(logits, step=0)
-    np.testing.assert_array_equal(tiny, logits.argmax(axis=1))
+    for draw in (None, NativeSampler(native_library())):
+        tiny = BatchSampler([SamplingConfig(temperature)] * 500, list(range(500)), draw).pick(logits, step=0)
+        np.testing.assert_array_equal(tiny, logits.argmax(axis=1))
     gen = Generator(trained(vocab))
     greedy = gen.generate(prime, 200, mode="stateful")
     assert gen.generate(prime, 200, mode="stateful", sampling=SamplingConfig(1e-4), seed=9) == greedy
@@ -195,7 +210,8 @@ def test_fixed_seed_reproduces_and_another_seed_differs(vocab, prime):
     assert gen.generate(prime, 300, sampling=sampling, seed=12, mode="stateful") != first
 
 
-@pytest.mark.parametrize("bad", [SamplingConfig(-1.0), SamplingConfig(1.0, top_k=-2), SamplingConfig(1.0, top_p=0.0)])
+@pytest.mark.parametrize("bad", [SamplingConfig(-1.0), SamplingConfig(1.0, top_k=-2),
+                                 SamplingConfig(1.0, top_p=0.0)])
 def test_bad_sampling_settings_are_user_errors(vocab, prime, bad):
     with pytest.raises(CharLSTMError):
         Generator(trained(vocab, units=8)).generate(prime, 10, sampling=bad)

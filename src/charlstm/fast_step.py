@@ -1,21 +1,24 @@
 """The lean step path: one new character per stream per call, and little else.
 
-For one stream the arithmetic per character is two small matrix-vector products, so time
-goes to everything around it: PyTorch's per-op dispatch (a dozen ops per layer), fresh
-tensors each step, and a BLAS gemv that reaches only a third of the cache bandwidth on
-these shapes. Both backends below work on weights rearranged once (``LeanWeights``) and
-buffers allocated once:
+For one stream the arithmetic per character is two small matrix-vector products (2 x 256:
+0.8 M multiply-adds, 3 MB of weights), so time goes to everything around it: PyTorch's
+per-op dispatch (a dozen ops per layer, ~1,900 chars/s through ``nn.LSTM`` one step at a
+time), fresh tensors each step, and a BLAS gemv that streams these weights at about a third
+of the cache bandwidth a plain loop reaches. The backends work on weights rearranged once
+(``LeanWeights``) and buffers allocated once:
 
 * ``native`` - ``lstm_step.c``, compiled on first use with the system C compiler and
-  cached; all layers and the head in one ctypes call (CPU, float32);
+  cached: all layers and the head in one ctypes call, weights packed so that each 64-wide
+  block of outputs streams through the cache once per step (CPU, float32). Batches of 16+
+  streams per thread are split across ``torch.get_num_threads()`` threads;
 * ``torch``  - the same rearranged weights with in-place PyTorch ops on preallocated
   buffers; any device, and the fallback where no C compiler is found;
 * ``module`` - the model's own forward pass one step at a time: slow, but right for any
   layer the model may hold (the fallback for activations the lean backends lack).
 
-``auto`` takes ``native`` where it can, then ``torch``. Both reproduce the model's full-sequence forward
-pass (tests compare probabilities to 1e-5) for sigmoid and hard-sigmoid layers and every
-input encoding.
+``auto`` takes ``native`` where it can, then ``torch``. All reproduce the model's
+full-sequence forward pass (tests compare probabilities to 1e-5) for sigmoid (nn.LSTM) and
+hard-sigmoid (LoopLSTM) layers and every input encoding.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import platform
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,8 +46,9 @@ from .model import CharLSTM, State
 BACKENDS = ("auto", "native", "torch", "module")
 LEAN_GATES = ("sigmoid", "hard_sigmoid")  # gate activations the lean backends implement (cell: tanh)
 CHUNK = 64                       # outputs per packed panel; must match lstm_step.c
-NATIVE_ABI = 2                   # must match charlstm_abi_version() in lstm_step.c
+NATIVE_ABI = 3                   # must match charlstm_abi_version() in lstm_step.c
 MAX_TABLE_FLOATS = 1 << 26       # 256 MB: above this layer 0's input is projected per step
+MIN_SHARD_ROWS = 16              # streams per thread below which threads cost more than they save
 NATIVE_CACHE_ENV = "CHARLSTM_NATIVE_CACHE"
 COMPILE_TIMEOUT_S = 120
 
@@ -212,7 +217,7 @@ class _Net(ctypes.Structure):
     """Mirror of ``Net`` in lstm_step.c."""
 
     _fields_ = [(name, ctypes.c_int32) for name in
-                ("batch", "layers", "units", "gates_padded", "vocab_padded", "hard_sigmoid")] + [
+                ("batch", "layers", "units", "gates_padded", "vocab_padded", "hard_sigmoid", "state_rows")] + [
         ("ids", ctypes.c_void_p), ("table", ctypes.c_void_p),
         ("weights", ctypes.POINTER(ctypes.c_void_p)), ("biases", ctypes.POINTER(ctypes.c_void_p)),
         ("head_weight", ctypes.c_void_p), ("head_bias", ctypes.c_void_p),
@@ -261,36 +266,56 @@ class _NativeLayout:
 
 
 class NativeStepper(Stepper):
+    """lstm_step.c over all layers and the head in one call per step.
+
+    Batches of at least ``MIN_SHARD_ROWS`` streams per thread are split into ``threads``
+    shards of rows, stepped at the same time (ctypes releases the GIL during the call).
+    """
+
     backend = "native"
 
-    def __init__(self, weights: LeanWeights, batch_size: int, library: ctypes.CDLL) -> None:
+    def __init__(self, weights: LeanWeights, batch_size: int, library: ctypes.CDLL, threads: int = 1) -> None:
         super().__init__(weights, batch_size)
         if weights.table is None:
             raise CharLSTMError("the native step needs the input table; this vocabulary is too large for it")
         w, B, H = weights, batch_size, weights.units
         if "native" not in w.packed:
             w.packed["native"] = _NativeLayout.from_weights(w)
-        layout = w.packed["native"]
-        n_gates, n_vocab = layout.gates_padded, layout.vocab_padded
+        self._layout = layout = w.packed["native"]
         self.h, self.c = torch.zeros(w.layers, B, H), torch.zeros(w.layers, B, H)
-        self.gates, self.logits = torch.zeros(B, n_gates), torch.zeros(B, n_vocab)
+        self.gates, self.logits = torch.zeros(B, layout.gates_padded), torch.zeros(B, layout.vocab_padded)
         self.ids = np.zeros(B, dtype=np.int32)
         self._logits_view = self.logits.numpy()[:, :w.vocab_size]
-        self._layout = layout
         self._weight_ptrs = (ctypes.c_void_p * w.layers)(*[p.data_ptr() for p in layout.panels])
         self._bias_ptrs = (ctypes.c_void_p * w.layers)(*[b.data_ptr() for b in layout.biases])
-        self._net = _Net(B, w.layers, H, n_gates, n_vocab, int(w.hard_sigmoid),
-                         self.ids.ctypes.data, layout.table.data_ptr(), self._weight_ptrs, self._bias_ptrs,
-                         layout.head_panels.data_ptr(), layout.head_bias.data_ptr(), self.h.data_ptr(),
-                         self.c.data_ptr(), self.gates.data_ptr(), self.logits.data_ptr())
+        shards = max(1, min(threads, B // MIN_SHARD_ROWS))
+        bounds = [B * i // shards for i in range(shards + 1)]
+        self._nets = [self._shard(start, stop) for start, stop in zip(bounds, bounds[1:])]
+        self._refs = [ctypes.byref(net) for net in self._nets]
         self._step = library.charlstm_step
-        self._net_ref = ctypes.byref(self._net)
+        self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="charlstm-step") if shards > 1 else None
+
+    def _shard(self, start: int, stop: int) -> _Net:
+        """The Net for rows start..stop: pointers into the shared buffers at that row."""
+        w, layout, f32 = self.weights, self._layout, 4
+        return _Net(stop - start, w.layers, w.units, layout.gates_padded, layout.vocab_padded, int(w.hard_sigmoid),
+                    self.batch_size, self.ids.ctypes.data + start * 4, layout.table.data_ptr(), self._weight_ptrs,
+                    self._bias_ptrs, layout.head_panels.data_ptr(), layout.head_bias.data_ptr(),
+                    self.h.data_ptr() + start * w.units * f32, self.c.data_ptr() + start * w.units * f32,
+                    self.gates.data_ptr() + start * layout.gates_padded * f32,
+                    self.logits.data_ptr() + start * layout.vocab_padded * f32)
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         self.ids[:] = ids
-        if self._step(self._net_ref) != 0:
+        others = [self._pool.submit(self._step, ref) for ref in self._refs[1:]] if self._pool else []
+        failed = self._step(self._refs[0]) != 0
+        if any(f.result() != 0 for f in others) or failed:
             raise RuntimeError("charlstm native step rejected its layout")  # a bug, not a user error
         return self._logits_view
+
+    def __del__(self) -> None:
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False)
 
 
 def native_cache_dir() -> Path:
@@ -368,7 +393,8 @@ def _compile(compiler: str, source: bytes, library: Path, failure: Path) -> None
             if done.returncode == 0:
                 os.replace(tmp, library)
                 return
-            errors.append(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+            message = done.stderr.strip()
+            errors.append(message.splitlines()[-1] if message else f"exit status {done.returncode}")
     finally:
         for path in (src, tmp):
             path.unlink(missing_ok=True)
@@ -432,7 +458,7 @@ class NativeSampler:
 
 
 def make_stepper(model: CharLSTM, batch_size: int, backend: str = "auto",
-                 weights: LeanWeights | None = None) -> Stepper:
+                 weights: LeanWeights | None = None, library: ctypes.CDLL | None = None) -> Stepper:
     """A stepper for ``model``; ``auto`` = native on CPU where it compiles, torch otherwise,
     module for layers the lean backends do not implement."""
     if backend not in BACKENDS:
@@ -452,7 +478,7 @@ def make_stepper(model: CharLSTM, batch_size: int, backend: str = "auto",
                             f"{MAX_TABLE_FLOATS // (4 * weights.units)} characters; use --backend torch")
     if native_ok:
         try:
-            return NativeStepper(weights, batch_size, native_library())
+            return NativeStepper(weights, batch_size, library or native_library(), threads=torch.get_num_threads())
         except CharLSTMError:
             if backend == "native":
                 raise

@@ -19,6 +19,7 @@ gives the same text alone or in any batch.
 
 from __future__ import annotations
 
+import ctypes
 import random
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -74,10 +75,17 @@ def stream_uniforms(seeds: Sequence[int], first_step: int, steps: int) -> np.nda
 Draw = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
+def tempered_logits(logits: np.ndarray, inverse_temperature: np.ndarray) -> np.ndarray:
+    """(logits - max) / temperature per row, in float64; the max is taken first so that a
+    tiny temperature gives 0 and -inf, never inf - inf."""
+    z = np.subtract(logits, logits.max(axis=1, keepdims=True), dtype=np.float64)
+    z *= inverse_temperature[:, None]
+    return z
+
+
 def tempered_weights(logits: np.ndarray, inverse_temperature: np.ndarray) -> np.ndarray:
-    """exp(z - max z) per row, z = logits / temperature, in float64."""
-    z = np.multiply(logits, inverse_temperature[:, None], dtype=np.float64)
-    z -= z.max(axis=1, keepdims=True)
+    """exp((logits - max) / temperature) per row: unnormalised probabilities."""
+    z = tempered_logits(logits, inverse_temperature)
     return np.exp(z, out=z)
 
 
@@ -160,9 +168,8 @@ class BatchSampler:
 
     @staticmethod
     def _filtered_weights(logits: np.ndarray, group: _Group) -> np.ndarray:
-        z = np.multiply(logits, group.inverse_temperature[:, None], dtype=np.float64)
+        z = tempered_logits(logits, group.inverse_temperature)
         z[z < _threshold(z, group.top_k, group.top_p)[:, None]] = -np.inf
-        z -= z.max(axis=1, keepdims=True)
         return np.exp(z, out=z)
 
     def _uniform(self, step: int) -> np.ndarray:
@@ -251,6 +258,7 @@ class Generator:
         self.vocab = trained.vocab
         self.backend = backend
         self._lean: LeanWeights | None = None
+        self._library: ctypes.CDLL | None = None
 
     def random_seed_text(self, seed: int | None = None) -> str:
         """A random training-text window stored in the checkpoint (the tutorial's seed)."""
@@ -338,16 +346,21 @@ class Generator:
         """A stepper for this model on the chosen backend (weights rearranged once, kept)."""
         if self._lean is None and self.backend != "module" and lean_supported(self.model):
             self._lean = LeanWeights.from_model(self.model)
-        return make_stepper(self.model, batch_size, self.backend, self._lean)
+        return make_stepper(self.model, batch_size, self.backend, self._lean, self._native_library())
+
+    def _native_library(self) -> ctypes.CDLL | None:
+        """The native kernel where it is wanted (CPU, backend auto or native) and loads."""
+        if self._library is None and self.backend in ("auto", "native") and self.device.type == "cpu":
+            try:
+                self._library = native_library()
+            except CharLSTMError:
+                pass  # NumPy and PyTorch take over; a native stepper, if asked for, says why
+        return self._library
 
     def _plain_draw(self) -> Draw | None:
-        """The C temperature sampler where the native kernel is wanted and loads."""
-        if self.backend not in ("auto", "native"):
-            return None
-        try:
-            return NativeSampler(native_library())
-        except CharLSTMError:
-            return None  # NumPy draws instead; a native stepper, if asked for, says why
+        """The C temperature sampler where the native kernel is loaded."""
+        library = self._native_library()
+        return NativeSampler(library) if library is not None else None
 
     def _stateful_steps(self, ids: list[int], streams: int):
         # prime one stream, then give its state to every stream of the batch

@@ -14,7 +14,8 @@
  *  - layer 0 reads its input part from `table` (input projection plus both biases, one
  *    padded row per character); layer l > 0 has K = 2H rows: H from the layer below, then H
  *    from its own previous output;
- *  - h and c are (L, B, H); gates is (B, Np) scratch; logits is (B, Vp).
+ *  - h and c are (L, state_rows, H), of which this call updates its first B rows (a shard of
+ *    the batch when several threads share one); gates is (B, Np) scratch; logits is (B, Vp).
  * Each accumulator sums over k in the same order whatever the batch size, so a stream's
  * numbers do not depend on which other streams share its batch.
  */
@@ -32,6 +33,7 @@ typedef float uvec __attribute__((vector_size(LANES * sizeof(float)), aligned(4)
 
 typedef struct {
     int32_t batch, layers, units, gates_padded, vocab_padded, hard_sigmoid;
+    int32_t state_rows; /* rows per layer in h and c: the whole batch when this is a shard of it */
     const int32_t *ids;
     const float *table;
     const float *const *weights;
@@ -160,42 +162,44 @@ static void lstm_cell(int B, int H, int Np, int hard, const float *gates, float 
 int charlstm_step(const Net *net)
 {
     const int B = net->batch, H = net->units, Np = net->gates_padded;
+    const long layer_size = (long)net->state_rows * H;
     if (Np % CHUNK || net->vocab_padded % CHUNK)
         return 1;
     for (int l = 0; l < net->layers; l++) {
-        float *h = net->h + (long)l * B * H, *c = net->c + (long)l * B * H;
+        float *h = net->h + l * layer_size, *c = net->c + l * layer_size;
         if (l == 0)
             packed_matmul(B, Np, H, h, 0, 0, H, net->weights[0], net->table, net->ids, net->gates);
         else
-            packed_matmul(B, Np, H, h - (long)B * H, H, h, H, net->weights[l], net->biases[l], 0,
+            packed_matmul(B, Np, H, h - layer_size, H, h, H, net->weights[l], net->biases[l], 0,
                           net->gates);
         lstm_cell(B, H, Np, net->hard_sigmoid, net->gates, h, c);
     }
-    const float *top = net->h + (long)(net->layers - 1) * B * H;
+    const float *top = net->h + (net->layers - 1) * layer_size;
     packed_matmul(B, net->vocab_padded, H, top, 0, 0, H, net->head_weight, net->head_bias, 0, net->logits);
     return 0;
 }
 
 /* Temperature sampling by inverse CDF, the rule of charlstm.generate's NumPy path: weights
- * exp((z - max z)) with z = logit / temperature, in double; row r takes the first id whose
- * running weight exceeds u[r] * total (u < 1 - 2^-52, so a zero weight is never taken). */
+ * exp((logit - max logit) / temperature) in double (the max first, so that a tiny
+ * temperature gives 0 and -inf, never inf - inf); row r takes the first id whose running
+ * weight exceeds u[r] * total (u < 1 - 2^-52, so a zero weight is never taken). */
 void charlstm_sample(int32_t rows, int32_t vocab, int64_t stride, const float *logits,
                      const double *inv_temperature, const double *u, int64_t *out)
 {
     for (int r = 0; r < rows; r++) {
         const float *l = logits + r * stride;
         const double scale = inv_temperature[r];
-        double top = (double)l[0] * scale;
+        float top = l[0];
         for (int j = 1; j < vocab; j++)
-            top = (double)l[j] * scale > top ? (double)l[j] * scale : top;
+            top = l[j] > top ? l[j] : top;
         double total = 0.0;
         for (int j = 0; j < vocab; j++)
-            total += exp((double)l[j] * scale - top);
+            total += exp(((double)l[j] - top) * scale);
         const double target = u[r] * total;
         double running = 0.0;
         int j = 0;
         for (; j < vocab - 1; j++) {
-            running += exp((double)l[j] * scale - top);
+            running += exp(((double)l[j] - top) * scale);
             if (running > target)
                 break;
         }
@@ -204,4 +208,4 @@ void charlstm_sample(int32_t rows, int32_t vocab, int64_t stride, const float *l
 }
 
 /* Lets the loader check that it talks to the file it compiled. */
-int charlstm_abi_version(void) { return 2; }
+int charlstm_abi_version(void) { return 3; }
