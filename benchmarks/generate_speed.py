@@ -3,8 +3,9 @@
     PYTHONPATH=src python benchmarks/generate_speed.py [--threads 1] [--quick]
 
 Measures, through the public ``Generator`` API (sampling and the Python loop included),
-characters per second for the tutorial-small model (1 x 256, scaled input, target last) and
-the 2 x 256 default (embedding 64, target all):
+characters per second for the tutorial-small model (1 x 256, scaled input, target last; also
+with Keras 2's hard-sigmoid gates, as imported Keras checkpoints have, whose full forward
+pass is a Python loop) and the 2 x 256 default (embedding 64, target all):
 
 * ``window``: the tutorial's way, the last 100 characters re-run for every new one;
 * ``stateful`` on each step path (``module`` = nn.LSTM one step at a time, ``torch`` and
@@ -37,6 +38,8 @@ KERAS_TUTORIAL_CHARS_PER_S = 12.4  # the tutorial's code under Keras 3.15 / TF 2
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "keras" / "wonderland.txt"
 MODELS = {
     "tutorial-small 1×256": dict(input="scaled", layers=1, units=256, target="last", window=100),
+    "same, hard-sigmoid gates (Keras import)": dict(input="scaled", layers=1, units=256, target="last", window=100,
+                                                    recurrent_activation="hard_sigmoid"),
     "default 2×256": dict(input="embedding", embedding_dim=64, layers=2, units=256, target="all", window=100),
 }
 
