@@ -115,8 +115,8 @@ def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True)
     g.add_argument("--temperature", type=_temperatures, default=[0.0], metavar="T[,T...]",
                    help="0 = greedy argmax (the tutorial); several, e.g. 0.2,0.5,1.0, print one sample "
                         "per temperature (the Keras example's diversity report)")
-    g.add_argument("--top-k", type=int, default=0, help="sample only among the k likeliest characters (0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0,
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only among the k likeliest characters (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="sample only among the likeliest characters holding this probability mass (1 = off)")
     g.add_argument("--num-samples", type=_positive_int, default=1, metavar="N",
                    help="samples per temperature, generated together as one batch")
@@ -127,12 +127,13 @@ def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True)
                         "last window per character; auto: window for window-trained models")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="stateful step path: native (C kernel compiled on first use), torch, module; auto picks")
-    g.add_argument("--sample-seed", type=int, dest="gen_seed",
-                   help="seed for choosing the seed window and sampling")
+    g.add_argument("--sample-seed", type=int, dest="gen_seed", metavar="N",
+                   help="seed for choosing the seed window and sampling; sample i of --num-samples uses N+i")
     if with_checkpoint:
-        g.add_argument("--seed", type=int, dest="gen_seed", help="same as --sample-seed")
+        g.add_argument("--seed", type=int, dest="gen_seed", metavar="N", help="same as --sample-seed")
         g.add_argument("--device", default="cpu")
-        g.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch (default: its own choice)")
+        g.add_argument("--threads", type=_positive_int,
+                       help="CPU threads for PyTorch and for native batches of 32+ streams (default: PyTorch's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
