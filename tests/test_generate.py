@@ -29,6 +29,15 @@ def _native_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are tiny: with cores shared, PyTorch's thread handoffs cost more than they give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def vocab(keras_text) -> Vocab:
     return Vocab.from_text(keras_text.read_text(encoding="utf-8").lower())
