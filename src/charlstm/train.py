@@ -462,6 +462,7 @@ class Trainer:
     def _train_epoch(self) -> str:
         """Train the rest of the current epoch: 'done', 'out of time' or 'stopped'."""
         pos = self.position
+        self.model.train()
         carried = self.config.batching == "streams"
         state = self.carry if (carried and pos.batch) else None
         bar = tqdm(total=len(self.batches), initial=pos.batch, desc=f"Epoch {pos.epoch}",
