@@ -19,7 +19,8 @@ from .errors import CharLSTMError
 from .fast_step import BACKENDS
 from .generate import MODES, Generator, SamplingConfig
 from .keras_import import CHECK_CHARS, ImportOptions, TextReading, import_keras, keras_stem
-from .train import PRESETS, evaluate_ids, fit
+from .metrics import plot_run
+from .train import LN2, PRESETS, evaluate_ids, fit
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -37,6 +38,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
     return value
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.2,0.5,1.0, not {text}") from None
 
 
 # ----------------------------------------------------------------------- arguments
@@ -64,8 +72,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedding-dim", type=_positive_int)
     g.add_argument("--layers", type=_positive_int)
     g.add_argument("--units", type=_positive_int)
-    g.add_argument("--dropout", type=float)
-    g.add_argument("--input-dropout", type=float)
+    g.add_argument("--dropout", type=float, help="dropout after each LSTM layer")
+    g.add_argument("--input-dropout", type=float, help="dropout on the input encoding")
+    g.add_argument("--weight-drop", type=float, help="DropConnect on the recurrent weights (AWD-LSTM)")
+    g.add_argument("--variational", action=argparse.BooleanOptionalAction, default=None,
+                   help="one dropout mask per sequence for all time steps")
     g.add_argument("--window", type=_positive_int, help="characters per window (the tutorial's seq_length)")
     g.add_argument("--epochs", type=_positive_int)
     g.add_argument("--batch-size", type=_positive_int)
@@ -74,9 +85,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=["adam", "adamw"])
     g.add_argument("--schedule", choices=["constant", "cosine"])
     g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--final-lr-fraction", type=float, help="the cosine schedule ends at lr times this")
     g.add_argument("--clip", type=float, help="max gradient norm (0 = off)")
     g.add_argument("--batching", choices=["windows", "streams"])
     g.add_argument("--bptt", type=_positive_int, help="stream piece length for truncated BPTT")
+    g.add_argument("--random-offset", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the streams at a random offset each epoch")
     g.add_argument("--val-fraction", type=float, help="held-out share at the end of the text (0 = none)")
     g.add_argument("--monitor", choices=["loss", "val_loss"])
     g.add_argument("--patience", type=int, help="stop after this many epochs without improvement")
@@ -86,6 +100,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="random seed, for reproducible runs")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    g.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
+    g.add_argument("--resume", type=Path, metavar="CHECKPOINT",
+                   help="continue from a checkpoint: last.safetensors exactly, any other one as fine-tuning")
+    g.add_argument("--sample-every", type=int, metavar="N", help="print generated samples every N epochs")
+    g.add_argument("--sample-temperatures", type=_float_list, metavar="T,T,...",
+                   help="temperatures for those samples (default 0.2,0.5,1.0)")
+    g.add_argument("--sample-length", type=_positive_int, help="characters per sample (default 200)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -168,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-keras", help="convert a Keras checkpoint (the tutorial's .hdf5) to charlstm")
     _add_import_keras_args(p)
     p.set_defaults(func=cmd_import_keras)
+
+    p = sub.add_parser("plot", help="PNG of training and validation loss per epoch of a run")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the training output folder (holds metrics.jsonl)")
+    p.add_argument("-o", "--output", type=Path, help="PNG file (default RUN_DIR/loss.png)")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
@@ -214,13 +240,18 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
 TRAIN_OPTIONS = ("input", "embedding_dim", "layers", "units", "dropout", "input_dropout", "window", "epochs",
                  "batch_size", "lr", "weight_decay", "optimizer", "schedule", "warmup_steps", "clip", "batching",
                  "bptt", "val_fraction", "monitor", "patience", "time_budget", "output_dir",
-                 "checkpoint_template", "seed", "device", "precision")
+                 "checkpoint_template", "seed", "device", "precision", "weight_drop", "variational",
+                 "final_lr_fraction", "random_offset", "threads", "sample_every", "sample_temperatures",
+                 "sample_length")
 
 
 def _train(args: argparse.Namespace):
+    if args.resume is not None:  # read the text the way the checkpoint's text was read
+        norm = checkpoint.load(args.resume).normalization
+        args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
     corpus = corpus_from_args(args)
     overrides = {name: getattr(args, name) for name in TRAIN_OPTIONS}
-    result = fit(corpus, args.preset, progress=not args.no_progress, **overrides)
+    result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, **overrides)
     if result.best_path:
         print(f"best checkpoint: {result.best_path}")
     return result
@@ -295,31 +326,61 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     corpus = corpus_from_args(args)
     ids = trained.vocab.encode(corpus.text)
     nats = evaluate_ids(trained.model, ids)
-    print(f"characters: {len(ids)}  nats/char: {nats:.4f}  bits/char: {nats / 0.6931471805599453:.4f}")
+    print(f"characters: {len(ids)}  nats/char: {nats:.4f}  bits/char: {nats / LN2:.4f}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     trained = checkpoint.load(args.checkpoint)
-    cfg = trained.config
-    history = trained.training.get("history", [])
-    print(f"checkpoint: {args.checkpoint}")
-    print("model: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
-    print(f"parameters: {trained.model.num_parameters():,}")
-    print(f"vocabulary: {len(trained.vocab)} characters {''.join(trained.vocab.chars)!r}")
-    print("normalization: " + ", ".join(f"{k}={v}" for k, v in trained.normalization.to_dict().items()))
-    print(f"epochs trained: {trained.training.get('epoch', len(history))}")
-    keras = trained.training.get("keras")
+    for line in info_lines(args.checkpoint, trained):
+        print(line)
+    return 0
+
+
+def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
+    cfg, training = trained.config, trained.training
+    history = training.get("history", [])
+    lines = [
+        f"checkpoint: {path}",
+        "model: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()),
+        f"parameters: {trained.model.num_parameters():,}",
+        f"vocabulary: {len(trained.vocab)} characters {''.join(trained.vocab.chars)!r}",
+        "normalization: " + ", ".join(f"{k}={v}" for k, v in trained.normalization.to_dict().items()),
+    ]
+    data = training.get("data")
+    if data:
+        lines.append(f"data: {', '.join(data.get('sources', [])) or '?'}: {data.get('characters', 0):,} characters "
+                     f"({data.get('train_characters', 0):,} training, {data.get('val_characters', 0):,} validation)")
+    config = training.get("config")
+    if config:
+        keys = ("batch_size", "bptt", "lr", "weight_decay", "optimizer", "schedule", "precision", "time_budget")
+        lines.append("training: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config))
+    keras = training.get("keras")
     if isinstance(keras, dict):
-        loss = trained.training.get("loss")
-        print(f"imported from Keras: {keras.get('file')} ({keras.get('format')}), text {keras.get('text')}"
-              + (f", training loss {loss}" if loss is not None else ""))
+        loss = training.get("loss")
+        lines.append(f"imported from Keras: {keras.get('file')} ({keras.get('format')}), text {keras.get('text')}"
+                     + (f", training loss {loss}" if loss is not None else ""))
+    lines.append(f"epochs trained: {training.get('epoch', len(history))}")
     vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
     if vals:
         best = min(vals)
-        print(f"best val_loss: {best:.4f} nats/char ({best / 0.6931471805599453:.4f} bits/char)")
+        lines.append(f"best val_loss: {best:.4f} nats/char ({best / LN2:.4f} bits/char)")
+    baselines = training.get("baselines")
+    if baselines:
+        lines.append("compressors on the validation text: "
+                     + ", ".join(f"{b['name']} {b['bits_per_char']:.3f}" for b in baselines) + " bits/char")
     if history:
-        print(f"last training loss: {history[-1]['loss']:.4f}")
+        lines.append(f"last training loss: {history[-1]['loss']:.4f}")
+    resume = training.get("resume")
+    if resume:
+        pos = resume.get("position", {})
+        lines.append(f"resumable: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('step')} "
+                     f"(charlstm train --resume {path})")
+    return lines
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    print(f"wrote {plot_run(args.run_dir, args.output)}")
     return 0
 
 

@@ -79,21 +79,27 @@ class WindowBatches:
 
 @dataclass
 class StreamBatches:
-    """``batch_size`` contiguous streams cut into ``bptt``-long pieces; y is x shifted by one."""
+    """``batch_size`` contiguous streams cut into ``bptt``-long pieces; y is x shifted by one.
+
+    With ``random_offset`` every epoch starts the streams at a different offset in
+    ``[0, bptt)`` (drawn from ``seed`` and the epoch number), so the piece boundaries move from
+    epoch to epoch instead of always cutting the text at the same places. The streams are
+    views of ``ids`` (a memory map stays a memory map); only each batch is copied.
+    """
 
     ids: np.ndarray
     batch_size: int
     bptt: int
+    random_offset: bool = False
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        self.stream_len = (len(self.ids) - 1) // self.batch_size
+        spare = self.bptt - 1 if self.random_offset else 0
+        self.stream_len = (len(self.ids) - 1 - spare) // self.batch_size
         if self.stream_len < 2:
             raise CharLSTMError(
                 f"the text ({len(self.ids)} characters) is too short for {self.batch_size} streams"
             )
-        n = self.stream_len * self.batch_size
-        self._x = np.asarray(self.ids[:n]).reshape(self.batch_size, self.stream_len)
-        self._y = np.asarray(self.ids[1:n + 1]).reshape(self.batch_size, self.stream_len)
 
     @property
     def num_targets(self) -> int:
@@ -102,12 +108,25 @@ class StreamBatches:
     def __len__(self) -> int:
         return math.ceil(self.stream_len / self.bptt)
 
+    def offset(self, epoch: int) -> int:
+        if not self.random_offset:
+            return 0
+        return int(np.random.default_rng((self.seed, epoch, 7)).integers(0, self.bptt))
+
+    def streams(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (B, stream_len) inputs and targets of ``epoch``, as views of ``ids``."""
+        start, n = self.offset(epoch), self.stream_len * self.batch_size
+        x = self.ids[start:start + n].reshape(self.batch_size, self.stream_len)
+        y = self.ids[start + 1:start + n + 1].reshape(self.batch_size, self.stream_len)
+        return x, y
+
     def epoch(self, epoch: int = 0, start_batch: int = 0):
         """Yield ``(x, y)``: both (B, T) int64, T = bptt except maybe the last piece."""
+        xs, ys = self.streams(epoch)
         for b in range(start_batch, len(self)):
             sl = slice(b * self.bptt, (b + 1) * self.bptt)
-            yield (torch.from_numpy(self._x[:, sl].astype(np.int64)),
-                   torch.from_numpy(self._y[:, sl].astype(np.int64)))
+            yield (torch.from_numpy(xs[:, sl].astype(np.int64)),
+                   torch.from_numpy(ys[:, sl].astype(np.int64)))
 
 
 def random_windows(ids: np.ndarray, window: int, count: int, seed: int) -> np.ndarray:

@@ -10,6 +10,10 @@ predicts its next character). Layers are stacked single LSTMs, each followed by 
 the tutorial's Keras models. ``recurrent_activation='hard_sigmoid'`` reproduces Keras 2's
 LSTM (used by imported checkpoints); 'sigmoid' with ``activation='tanh'`` uses PyTorch's fused
 LSTM, any other pair the step-by-step ``LoopLSTM``.
+
+Regularisation beyond plain dropout (AWD-LSTM, Merity et al. 2017): ``variational`` dropout
+uses one mask per sequence for every time step, and ``weight_drop`` drops hidden-to-hidden
+weights (DropConnect), one mask per batch. Both are training-only and change no parameters.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CharLSTMError
+from .fused_lstm import lstm_sequence
 
 INPUTS = ("scaled", "onehot", "embedding")
 TARGETS = ("last", "all")
@@ -46,6 +51,8 @@ class ModelConfig:
     target: str = "all"
     window: int = 100
     activation: str = "tanh"
+    weight_drop: float = 0.0
+    variational: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -59,7 +66,9 @@ class ModelConfig:
                               ("recurrent_activation", RECURRENT_ACTIVATIONS), ("activation", ACTIVATIONS)):
             if getattr(self, name) not in allowed:
                 raise CharLSTMError(f"model {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        for name in ("dropout", "input_dropout"):
+        if not isinstance(self.variational, bool):
+            raise CharLSTMError(f"model variational must be true or false, not {self.variational!r}")
+        for name in ("dropout", "input_dropout", "weight_drop"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise CharLSTMError(f"--{name.replace('_', '-')} must be in [0, 1), not {value!r}")
@@ -147,6 +156,8 @@ class CharLSTM(nn.Module):
         self.lstms = nn.ModuleList(self._make_layer(sizes[i], config.units) for i in range(config.layers))
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.units, config.vocab_size)
+        if config.weight_drop and not all(isinstance(lstm, nn.LSTM) for lstm in self.lstms):
+            raise CharLSTMError("weight drop needs the standard LSTM cell (sigmoid gates, tanh)")
 
     def _make_layer(self, input_size: int, units: int) -> nn.Module:
         cfg = self.config
@@ -163,7 +174,7 @@ class CharLSTM(nn.Module):
         zeros = lambda: torch.zeros(1, batch_size, self.config.units, device=device, dtype=dtype)  # noqa: E731
         return [(zeros(), zeros()) for _ in range(self.config.layers)]
 
-    def encode_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+    def encode_inputs(self, ids: torch.Tensor, time_dim: int = 1) -> torch.Tensor:
         kind = self.config.input
         if kind == "embedding":
             x = self.embedding(ids)
@@ -171,21 +182,62 @@ class CharLSTM(nn.Module):
             x = F.one_hot(ids, self.config.vocab_size).to(self.head.weight.dtype)
         else:
             x = (ids.to(self.head.weight.dtype) / self.config.vocab_size).unsqueeze(-1)
-        return self.input_dropout(x)
+        return self._dropout(x, self.config.input_dropout, time_dim)
+
+    def _dropout(self, x: torch.Tensor, p: float, time_dim: int) -> torch.Tensor:
+        """Plain dropout, or with ``variational`` one mask shared by all time steps."""
+        if not self.training or p == 0.0:
+            return x
+        if not self.config.variational:
+            return F.dropout(x, p, training=True)
+        shape = list(x.shape)
+        shape[time_dim] = 1
+        mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p).div_(1.0 - p)
+        return x * mask
+
+    def uses_fused_path(self, device: torch.device) -> bool:
+        """Training on a CPU, or with weight drop: the hand-written loop of ``fused_lstm``."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        if not all(isinstance(lstm, nn.LSTM) for lstm in self.lstms):
+            return False
+        return device.type == "cpu" or self.config.weight_drop > 0.0
 
     def forward(self, ids: torch.Tensor, state: State | None = None, last_only: bool = False):
         """ids (B, T) -> logits (B, T, V) or (B, V) with ``last_only``, and the new state."""
         if state is None:
             state = self.initial_state(ids.shape[0], device=ids.device)
+        if self.uses_fused_path(ids.device):
+            return self._forward_fused(ids, state, last_only)
         x = self.encode_inputs(ids)
         new_state: State = []
         for lstm, layer_state in zip(self.lstms, state):
             x, layer_state = lstm(x, layer_state)
-            x = self.dropout(x)
+            x = self._dropout(x, self.config.dropout, time_dim=1)
             new_state.append(layer_state)
         if last_only:
             x = x[:, -1]
         return self.head(x), new_state
+
+    def _forward_fused(self, ids: torch.Tensor, state: State, last_only: bool):
+        """The training path: time-major, GEMMs in the autocast dtype (bf16) when enabled."""
+        device_type = ids.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else self.head.weight.dtype)
+        x = self.encode_inputs(ids.t(), time_dim=0)
+        new_state: State = []
+        for lstm, (h0, c0) in zip(self.lstms, state):
+            bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).to(dtype)
+            xp = F.linear(x.to(dtype), lstm.weight_ih_l0.to(dtype), bias)
+            w_hh = lstm.weight_hh_l0
+            if self.config.weight_drop:
+                w_hh = F.dropout(w_hh, self.config.weight_drop, training=True)
+            x, h, c = lstm_sequence(xp, w_hh.to(dtype), h0[0], c0[0])
+            x = self._dropout(x, self.config.dropout, time_dim=0)
+            new_state.append((h[None], c[None]))
+        if last_only:
+            return self.head(x[-1]), new_state
+        return self.head(x).transpose(0, 1), new_state
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, state: State | None = None):

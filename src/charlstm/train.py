@@ -1,16 +1,28 @@
 """Stage 5: the training loop. ``TrainConfig`` says how, ``Trainer`` does it.
 
 Presets: ``tutorial-small`` and ``tutorial-large`` are the tutorial's two Keras networks and
-recipes; ``default`` is charlstm's own (embedding input, every position a target, carried
-state, AdamW with warm-up and cosine decay, clipping, validation-selected checkpoints).
+recipes; ``default`` is charlstm's own, chosen by measurement (see the README's "Training
+quality"): embedding input, every position a target, contiguous streams with the state carried
+between batches (truncated BPTT) starting at a random offset each epoch, variational dropout
+and weight drop, AdamW with warm-up and cosine decay planned to end on the time budget,
+clipping, bf16 autocast where the hardware has it, validation-selected checkpoints.
+
+Every epoch ends with an evaluation over the whole validation text (nats/char and bits/char,
+beside the compressor baselines), a metrics row and, when it is the best so far, a checkpoint.
+``last.safetensors`` always holds everything needed to resume exactly: weights, optimiser
+moments, the schedule position, random-generator states and the data position (epoch, batch
+and the carried recurrent state).
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,15 +32,23 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .baselines import Baseline, compressor_baselines, format_baselines, versus_best
 from .checkpoint import TrainedModel
 from .corpus import Corpus
 from .data import StreamBatches, WindowBatches, random_windows, split_train_val
 from .errors import CharLSTMError
+from .metrics import MetricsLog
 from .model import CharLSTM, ModelConfig, detach_state
+from .train_state import pack_carry, pack_optimizer, pack_rng, restore_rng, unpack_carry, unpack_optimizer
 from .vocab import Vocab
 
 LN2 = math.log(2.0)
 SEED_WINDOWS = 200
+BEST_NAME = "best.safetensors"
+RESUME_NAME = "last.safetensors"
+UNLIMITED_EPOCHS = 1_000_000
+# Model settings that may change when a checkpoint is resumed or fine-tuned (no parameter changes).
+REGULARISATION_FIELDS = ("dropout", "input_dropout", "weight_drop", "variational")
 
 
 @dataclass(frozen=True)
@@ -40,9 +60,11 @@ class TrainConfig:
     optimizer: str = "adamw"            # adam | adamw
     schedule: str = "cosine"            # constant | cosine
     warmup_steps: int = 100
+    final_lr_fraction: float = 0.05     # the cosine ends at lr * this
     clip: float = 1.0                   # max gradient norm, 0 = off
     batching: str = "streams"           # windows | streams
     bptt: int = 100                     # stream piece length
+    random_offset: bool = False         # streams start at a random offset each epoch
     val_fraction: float = 0.1
     monitor: str = "val_loss"           # loss | val_loss
     checkpoint_template: str = "weights-improvement-{epoch:02d}-{loss:.4f}"
@@ -50,11 +72,16 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"             # auto | fp32 | bf16
+    threads: int = 0                    # CPU threads for torch, 0 = torch's choice
     time_budget: float | None = None    # seconds; the schedule is planned to end on time
     patience: int = 0                   # early stopping: epochs without improvement, 0 = off
+    sample_every: int = 0               # print samples every N epochs, 0 = never
+    sample_temperatures: tuple[float, ...] = (0.2, 0.5, 1.0)
+    sample_length: int = 200
 
     def validate(self) -> None:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "bptt": self.bptt}
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "bptt": self.bptt,
+                    "sample_length": self.sample_length}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise CharLSTMError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
@@ -70,10 +97,27 @@ class TrainConfig:
             raise CharLSTMError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise CharLSTMError(f"--time-budget must be positive seconds, not {self.time_budget}")
-        if self.clip < 0 or self.warmup_steps < 0 or self.patience < 0 or self.weight_decay < 0:
-            raise CharLSTMError("--clip, --warmup-steps, --patience and --weight-decay must not be negative")
+        non_negative = {"clip": self.clip, "warmup_steps": self.warmup_steps, "patience": self.patience,
+                        "weight_decay": self.weight_decay, "threads": self.threads,
+                        "sample_every": self.sample_every}
+        for name, value in non_negative.items():
+            if value < 0:
+                raise CharLSTMError(f"--{name.replace('_', '-')} must not be negative, not {value}")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise CharLSTMError(f"--final-lr-fraction must be in [0, 1], not {self.final_lr_fraction}")
+        if not self.sample_temperatures or any(not 0.0 <= t <= 100.0 for t in self.sample_temperatures):
+            raise CharLSTMError("--sample-temperatures must be numbers in [0, 100], e.g. 0.2,0.5,1.0")
         if self.monitor == "val_loss" and self.val_fraction == 0:
             raise CharLSTMError("--monitor val_loss needs validation text: set --val-fraction above 0")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """A config stored in a checkpoint (unknown keys from other versions are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "sample_temperatures" in values:
+            values["sample_temperatures"] = tuple(values["sample_temperatures"])
+        return cls(**values)
 
 
 _TUTORIAL_MODEL = dict(input="scaled", layers=1, units=256, dropout=0.2, target="last", window=100)
@@ -99,22 +143,37 @@ def preset_configs(preset: str, vocab_size: int, **overrides) -> tuple[ModelConf
     if preset not in PRESETS:
         raise CharLSTMError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     model_kw, train_kw = (dict(d) for d in PRESETS[preset])
+    model_over, train_over = split_overrides(overrides)
+    model_kw.update(model_over)
+    train_kw.update(train_over)
+    train = _finish_train_config(train_kw, train_over)
+    return ModelConfig(vocab_size=vocab_size, **model_kw), train
+
+
+def split_overrides(overrides: dict) -> tuple[dict, dict]:
+    """Sort options into model and training settings, dropping the ones left unset (None)."""
     model_fields, train_fields = ModelConfig.__dataclass_fields__, TrainConfig.__dataclass_fields__
+    model_kw, train_kw = {}, {}
     for key, value in overrides.items():
         if value is None:
             continue
         if key in model_fields:
             model_kw[key] = value
         elif key in train_fields:
-            train_kw[key] = value
+            train_kw[key] = tuple(value) if key == "sample_temperatures" else value
         else:
             raise CharLSTMError(f"unknown training option {key!r}")
-    if "monitor" not in overrides or overrides["monitor"] is None:
-        if train_kw.get("val_fraction", TrainConfig.val_fraction) == 0:
-            train_kw["monitor"] = "loss"
-    train = TrainConfig(**train_kw)
-    train.validate()
-    return ModelConfig(vocab_size=vocab_size, **model_kw), train
+    return model_kw, train_kw
+
+
+def _finish_train_config(train_kw: dict, explicit: dict) -> TrainConfig:
+    if "monitor" not in explicit and train_kw.get("val_fraction", TrainConfig.val_fraction) == 0:
+        train_kw["monitor"] = "loss"
+    if train_kw.get("time_budget") and "epochs" not in explicit:
+        train_kw["epochs"] = UNLIMITED_EPOCHS  # the budget decides when to stop
+    config = TrainConfig(**train_kw)
+    config.validate()
+    return config
 
 
 @dataclass
@@ -125,10 +184,41 @@ class EpochRecord:
     chars_per_s: float
     elapsed: float
     lr: float
+    step: int = 0
 
     @property
     def val_bpc(self) -> float | None:
         return None if self.val_loss is None else self.val_loss / LN2
+
+    def to_row(self) -> dict:
+        return {**asdict(self), "bpc": self.loss / LN2, "val_bpc": self.val_bpc}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EpochRecord":
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass
+class Position:
+    """Where a run stands: enough to continue it exactly."""
+
+    epoch: int = 1                 # the epoch being trained (1-based)
+    batch: int = 0                 # the next batch of that epoch
+    step: int = 0                  # optimiser steps so far
+    elapsed: float = 0.0           # seconds of training so far, all sessions
+    best: float | None = None      # best monitored loss so far
+    epochs_since_best: int = 0
+    loss_sum: float = 0.0          # this epoch's training loss so far (sum over targets)
+    targets: int = 0
+    epoch_seconds: float = 0.0
+    best_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Position":
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 @dataclass
@@ -137,6 +227,8 @@ class TrainResult:
     history: list[EpochRecord] = field(default_factory=list)
     best_path: Path | None = None
     interrupted: bool = False
+    resume_path: Path | None = None
+    baselines: list[Baseline] = field(default_factory=list)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -170,6 +262,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def ids_fingerprint(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()[:16]
+
+
 class Trainer:
     def __init__(
         self,
@@ -187,6 +283,8 @@ class Trainer:
         self.log = log
         self.progress = progress
         self.normalization = corpus.normalization if corpus else None
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.device = pick_device(config.device)
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         torch.manual_seed(config.seed)
@@ -194,9 +292,25 @@ class Trainer:
         self.train_ids, self.val_ids = split_train_val(ids, config.val_fraction)
         self.batches = self._make_batches()
         self.optimizer = self._make_optimizer()
-        self.step_count = 0
+        self.position = Position()
+        self.carry = None
         self.history: list[EpochRecord] = []
+        self.baselines: list[Baseline] = []
         self.output_dir = Path(config.output_dir)
+        self.metrics = MetricsLog(self.output_dir)
+        self.data_info = {
+            "sources": list(corpus.sources) if corpus else [],
+            "characters": int(len(ids)),
+            "train_characters": int(len(self.train_ids)),
+            "val_characters": int(len(self.val_ids)),
+            "fingerprint": ids_fingerprint(ids),
+        }
+        seeds = random_windows(self.train_ids, model.config.window, SEED_WINDOWS, config.seed)
+        self.seed_windows = [vocab.decode(row) for row in seeds]
+        self._stop_requested = False
+        self._eval_seconds: float | None = None
+        self._session_start = time.perf_counter()
+        self._session_elapsed0 = 0.0
 
     # ---------------------------------------------------------------- set-up
     def _make_batches(self):
@@ -207,7 +321,7 @@ class Trainer:
             return WindowBatches(self.train_ids, m.window, c.batch_size, shuffle=True, seed=c.seed)
         if m.target != "all":
             raise CharLSTMError("--batching streams needs a model that predicts every position (target 'all')")
-        return StreamBatches(self.train_ids, c.batch_size, c.bptt)
+        return StreamBatches(self.train_ids, c.batch_size, c.bptt, random_offset=c.random_offset, seed=c.seed)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -228,92 +342,153 @@ class Trainer:
             f"Total Patterns: {n_patterns}",
             f"Validation Characters: {len(self.val_ids)}",
             f"Parameters: {self.model.num_parameters():,}  device: {self.device}  "
-            f"precision: {'bf16' if self.amp_dtype else 'fp32'}",
+            f"precision: {'bf16' if self.amp_dtype else 'fp32'}  threads: {torch.get_num_threads()}",
         ]
 
+    # ---------------------------------------------------------------- resume
+    def restore(self, trained: TrainedModel, source: str | Path = "checkpoint") -> bool:
+        """Continue from ``trained``; exact when it carries a resume record (``last.safetensors``),
+        otherwise fine-tune its weights with a fresh optimiser and schedule. Returns exactness."""
+        record = trained.training.get("resume")
+        if not record:
+            self.log(f"fine-tuning {source}: it holds no optimiser state, so the optimiser and the "
+                     f"schedule start fresh")
+            return False
+        unpack_optimizer(self.optimizer, trained.extra, record.get("optimizer", {}))
+        if self.config.optimizer == "adamw":  # a changed --weight-decay wins over the saved one
+            self.optimizer.param_groups[0]["weight_decay"] = self.config.weight_decay
+        restore_rng(trained.extra, record.get("rng", {}))
+        self.position = Position.from_dict(record.get("position", {}))
+        m = self.model.config
+        self.carry = unpack_carry(trained.extra, m.layers, self.config.batch_size, m.units, self.device)
+        self.history = [EpochRecord.from_dict(r) for r in trained.training.get("history", [])]
+        self.baselines = [Baseline(**b) for b in trained.training.get("baselines", [])]
+        if record.get("fingerprint") != self.data_info["fingerprint"]:
+            self.log("warning: this text differs from the one the checkpoint was trained on; "
+                     "training continues, but not as an exact continuation")
+        self.log(f"resuming {source}: epoch {self.position.epoch}, batch {self.position.batch}, "
+                 f"step {self.position.step}")
+        return True
+
+    def request_stop(self) -> None:
+        """Stop cleanly after the current batch (what the first Ctrl-C does)."""
+        self._stop_requested = True
+
     # ---------------------------------------------------------------- schedule
+    def elapsed(self) -> float:
+        return self._session_elapsed0 + time.perf_counter() - self._session_start
+
     def _planned_steps(self) -> int:
         return self.config.epochs * len(self.batches)
 
     def lr_at(self, step: int, elapsed: float) -> float:
+        """Linear warm-up, then a cosine from ``lr`` down to ``lr * final_lr_fraction`` that ends
+        with the last planned step or, with a time budget, when the budget runs out."""
         c = self.config
         if c.warmup_steps and step < c.warmup_steps:
             return c.lr * (step + 1) / c.warmup_steps
         if c.schedule == "constant":
             return c.lr
-        progress = step / max(1, self._planned_steps())
         if c.time_budget:
-            progress = max(progress, elapsed / c.time_budget)
-        return c.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+            progress = elapsed / max(c.time_budget - self._reserve_seconds(), 1e-9)
+        else:
+            progress = step / max(1, self._planned_steps())
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return c.lr * (c.final_lr_fraction + (1 - c.final_lr_fraction) * cosine)
+
+    def _reserve_seconds(self) -> float:
+        """Time kept free at the end of a budget for the last evaluation and checkpoint."""
+        if self._eval_seconds is None:
+            self._eval_seconds = self._estimate_eval_seconds()
+        return 1.2 * self._eval_seconds + 0.5
+
+    def _estimate_eval_seconds(self) -> float:
+        if not len(self.val_ids):
+            return 0.0
+        probe = self.val_ids[: min(len(self.val_ids), 512)]
+        start = time.perf_counter()
+        self._evaluate_ids(probe)
+        return (time.perf_counter() - start) * len(self.val_ids) / len(probe)
+
+    def _out_of_time(self) -> bool:
+        budget = self.config.time_budget
+        return budget is not None and self.elapsed() + self._reserve_seconds() >= budget
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
         for line in self.summary_lines():
             self.log(line)
-        result = TrainResult(trained=self._trained_model())
-        best = math.inf
-        epochs_since_best = 0
-        self.started = time.perf_counter()
-        try:
-            for epoch in range(1, self.config.epochs + 1):
-                record = self._run_epoch(epoch)
-                self.history.append(record)
-                self._append_metrics(record)
-                monitored = record.val_loss if self.config.monitor == "val_loss" else record.loss
-                self.log(self._epoch_line(record))
-                if monitored < best:
-                    improvement = "" if best == math.inf else f" improved from {best:.4f}"
-                    best, epochs_since_best = monitored, 0
-                    result.best_path = self._save_improvement(record)
-                    self.log(f"Epoch {epoch:02d}: {self.config.monitor}{improvement} to {best:.4f}, "
-                             f"saving {result.best_path}")
-                else:
-                    epochs_since_best += 1
-                if self.config.patience and epochs_since_best >= self.config.patience:
-                    self.log(f"early stopping: no improvement in {self.config.patience} epochs")
-                    break
-                if self._out_of_time():
-                    self.log(f"time budget of {self.config.time_budget:.0f} s reached")
-                    break
-        except KeyboardInterrupt:
-            result.interrupted = True
-            kept = result.best_path or "nothing saved yet"
-            self.log(f"\ninterrupted; the last good checkpoint is kept: {kept}")
+        if len(self.val_ids) and not self.baselines:
+            self.baselines = compressor_baselines(self.vocab.decode(self.train_ids), self.vocab.decode(self.val_ids))
+        if self.baselines:
+            self.log(f"Compressor baselines on the validation text (bits/char): {format_baselines(self.baselines)}")
+        result = TrainResult(trained=self._trained_model(), baselines=self.baselines)
+        self._session_start = time.perf_counter()
+        self._session_elapsed0 = self.position.elapsed
+        self._stop_requested = False
+        with _stop_on_first_interrupt(self):
+            try:
+                self._loop(result)
+            except KeyboardInterrupt:
+                result.interrupted = True
+                kept = self.position.best_path or "nothing saved yet"
+                self.log(f"\ninterrupted; the last good checkpoint is kept: {kept}")
         result.history = self.history
+        result.best_path = Path(self.position.best_path) if self.position.best_path else None
         result.trained = self._trained_model()
-        if result.best_path:
+        if result.best_path and result.best_path.is_file():
             result.trained = checkpoint.load(result.best_path, device=self.device)
+        self._log_summary()
         return result
 
-    def _out_of_time(self) -> bool:
-        budget = self.config.time_budget
-        return budget is not None and time.perf_counter() - self.started >= budget
+    def _loop(self, result: TrainResult) -> None:
+        while self.position.epoch <= self.config.epochs:
+            outcome = self._train_epoch()
+            if outcome == "stopped":
+                result.interrupted = True
+                result.resume_path = self._save_resume()
+                self.log(f"\nstopped at epoch {self.position.epoch}, batch {self.position.batch}; "
+                         f"resume with --resume {result.resume_path}")
+                return
+            record = self._finish_epoch()
+            result.resume_path = self._save_resume()
+            if self.config.patience and self.position.epochs_since_best >= self.config.patience:
+                self.log(f"early stopping: no improvement in {self.config.patience} epochs")
+                return
+            if outcome == "out of time" or self._out_of_time():
+                self.log(f"time budget of {self.config.time_budget:.0f} s reached after epoch {record.epoch}")
+                return
 
-    def _run_epoch(self, epoch: int) -> EpochRecord:
+    def _train_epoch(self) -> str:
+        """Train the rest of the current epoch: 'done', 'out of time' or 'stopped'."""
+        pos = self.position
         self.model.train()
         carried = self.config.batching == "streams"
-        state = None
-        total_loss, total_targets = 0.0, 0
-        t0 = time.perf_counter()
-        bar = tqdm(total=len(self.batches), desc=f"Epoch {epoch}/{self.config.epochs}",
+        state = self.carry if (carried and pos.batch) else None
+        bar = tqdm(total=len(self.batches), initial=pos.batch, desc=f"Epoch {pos.epoch}",
                    disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
+        outcome = "done"
         with bar:
-            for x, y in self.batches.epoch(epoch):
-                lr = self.lr_at(self.step_count, time.perf_counter() - self.started)
+            for x, y in self.batches.epoch(pos.epoch, start_batch=pos.batch):
+                t0 = time.perf_counter()
+                lr = self.lr_at(pos.step, self.elapsed())
                 loss, state = self._train_step(x, y, state if carried else None, lr)
-                n = y.numel()
-                total_loss += loss * n
-                total_targets += n
-                elapsed = time.perf_counter() - t0
+                pos.loss_sum += loss * y.numel()
+                pos.targets += y.numel()
+                pos.batch += 1
+                pos.epoch_seconds += time.perf_counter() - t0
+                self.carry = state if carried else None
                 bar.update(1)
-                bar.set_postfix(loss=f"{total_loss / total_targets:.4f}",
-                                chars_s=f"{total_targets / max(elapsed, 1e-9):,.0f}", lr=f"{lr:.2e}")
-                if self._out_of_time():
+                bar.set_postfix(loss=f"{pos.loss_sum / pos.targets:.4f}",
+                                chars_s=f"{pos.targets / max(pos.epoch_seconds, 1e-9):,.0f}", lr=f"{lr:.2e}")
+                if self._stop_requested:
+                    outcome = "stopped"
                     break
-        seconds = time.perf_counter() - t0
-        val_loss = self.evaluate() if len(self.val_ids) else None
-        return EpochRecord(epoch, total_loss / max(total_targets, 1), val_loss,
-                           total_targets / max(seconds, 1e-9), time.perf_counter() - self.started, lr)
+                if self._out_of_time():
+                    outcome = "out of time"
+                    break
+        pos.elapsed = self.elapsed()
+        return outcome
 
     def _train_step(self, x, y, state, lr: float):
         for group in self.optimizer.param_groups:
@@ -329,30 +504,104 @@ class Trainer:
         if self.config.clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
         self.optimizer.step()
-        self.step_count += 1
+        self.position.step += 1
         return loss.item(), detach_state(state)
+
+    def _finish_epoch(self) -> EpochRecord:
+        """Evaluate, log, keep the checkpoint if it improved, print samples; then move on."""
+        pos = self.position
+        val_loss = self.evaluate() if len(self.val_ids) else None
+        pos.elapsed = self.elapsed()
+        record = EpochRecord(pos.epoch, pos.loss_sum / max(pos.targets, 1), val_loss,
+                             pos.targets / max(pos.epoch_seconds, 1e-9), pos.elapsed,
+                             self.lr_at(pos.step, pos.elapsed), pos.step)
+        self.history.append(record)
+        self.metrics.append(record.to_row())
+        self.log(self._epoch_line(record))
+        monitored = record.val_loss if self.config.monitor == "val_loss" else record.loss
+        if pos.best is None or monitored < pos.best:
+            improvement = "" if pos.best is None else f" improved from {pos.best:.4f}"
+            pos.best, pos.epochs_since_best = monitored, 0
+            pos.best_path = str(self._save_improvement(record))
+            self.log(f"Epoch {record.epoch:02d}: {self.config.monitor}{improvement} to {monitored:.4f}, "
+                     f"saving {pos.best_path}")
+        else:
+            pos.epochs_since_best += 1
+        if self.config.sample_every and record.epoch % self.config.sample_every == 0:
+            self._print_samples(record.epoch)
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+        pos.loss_sum, pos.targets, pos.epoch_seconds = 0.0, 0, 0.0
+        self.carry = None
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean nats/char over every validation character, conditioned on the text before it."""
+        start = time.perf_counter()
+        loss = self._evaluate_ids(self.val_ids)
+        self._eval_seconds = time.perf_counter() - start
+        return loss
+
+    def _evaluate_ids(self, ids: np.ndarray) -> float:
         context = self.train_ids[-self.model.config.window:]
-        return evaluate_ids(self.model, self.val_ids, context=context, amp_dtype=self.amp_dtype)
+        return evaluate_ids(self.model, ids, context=context, amp_dtype=self.amp_dtype)
 
     # ---------------------------------------------------------------- output
     def _epoch_line(self, r: EpochRecord) -> str:
-        val = "" if r.val_loss is None else f"  val_loss {r.val_loss:.4f} ({r.val_bpc:.3f} bpc)"
-        return f"Epoch {r.epoch:02d}  loss {r.loss:.4f}{val}  {r.chars_per_s:,.0f} chars/s  {r.elapsed:.0f} s"
+        val = ""
+        if r.val_loss is not None:
+            versus = versus_best(r.val_bpc, self.baselines)
+            val = f"  val_loss {r.val_loss:.4f} ({r.val_bpc:.3f} bpc{'; ' + versus if versus else ''})"
+        return (f"Epoch {r.epoch:02d}  loss {r.loss:.4f}{val}  {r.chars_per_s:,.0f} chars/s  "
+                f"lr {r.lr:.2e}  {r.elapsed:.0f} s")
 
-    def _trained_model(self) -> TrainedModel:
-        window = self.model.config.window
-        seeds = random_windows(self.train_ids, window, SEED_WINDOWS, self.config.seed)
+    def _log_summary(self) -> None:
+        vals = [r.val_loss for r in self.history if r.val_loss is not None]
+        if vals:
+            best = min(vals)
+            self.log(f"best val_loss {best:.4f} nats/char = {best / LN2:.3f} bits/char "
+                     f"(compressors: {format_baselines(self.baselines)} bits/char)")
+
+    def _print_samples(self, epoch: int) -> None:
+        from .generate import Generator, SamplingConfig  # generation is a later stage
+
+        trained = self._trained_model()
+        prime = self.seed_windows[epoch % len(self.seed_windows)]
+        generator = Generator(trained, device=self.device)
+        try:
+            for temperature in self.config.sample_temperatures:
+                text = generator.generate(prime, self.config.sample_length,
+                                          sampling=SamplingConfig(temperature=temperature), seed=epoch)
+                self.log(f"----- sample after epoch {epoch}, temperature {temperature}:\n{prime}|{text}")
+        finally:
+            self.model.train()
+
+    def _training_record(self) -> dict:
+        best = {}
+        vals = [r for r in self.history if r.val_loss is not None]
+        if vals:
+            top = min(vals, key=lambda r: r.val_loss)
+            best = {"epoch": top.epoch, "val_loss": top.val_loss, "val_bpc": top.val_bpc}
+        return {
+            "config": asdict(self.config),
+            "history": [asdict(r) for r in self.history],
+            "epoch": len(self.history),
+            "data": self.data_info,
+            "baselines": [asdict(b) for b in self.baselines],
+            "best": best,
+        }
+
+    def _trained_model(self, extra: dict | None = None, resume: dict | None = None) -> TrainedModel:
+        training = self._training_record()
+        if resume is not None:
+            training["resume"] = resume
         return TrainedModel(
             model=self.model,
             vocab=self.vocab,
             normalization=self.normalization or TrainedModel.__dataclass_fields__["normalization"].default_factory(),
-            training={"config": asdict(self.config), "history": [asdict(r) for r in self.history],
-                      "epoch": len(self.history)},
-            seed_windows=[self.vocab.decode(row) for row in seeds],
+            training=training,
+            seed_windows=self.seed_windows,
+            extra=extra or {},
         )
 
     def _save_improvement(self, record: EpochRecord) -> Path:
@@ -361,14 +610,37 @@ class Trainer:
                                           val_loss=record.val_loss or 0.0)
         trained = self._trained_model()
         path = checkpoint.save(self.output_dir / name, trained)
-        checkpoint.save(self.output_dir / "best.safetensors", trained)
+        checkpoint.save(self.output_dir / BEST_NAME, trained)
         return path
 
-    def _append_metrics(self, record: EpochRecord) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        row = {**asdict(record), "val_bpc": record.val_bpc}
-        with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+    def _save_resume(self) -> Path:
+        """``last.safetensors``: weights plus everything an exact resume needs."""
+        optim_tensors, optim_meta = pack_optimizer(self.optimizer)
+        rng_tensors, rng_meta = pack_rng()
+        extra = {**optim_tensors, **rng_tensors, **pack_carry(self.carry)}
+        resume = {"position": self.position.to_dict(), "optimizer": optim_meta, "rng": rng_meta,
+                  "fingerprint": self.data_info["fingerprint"]}
+        return checkpoint.save(self.output_dir / RESUME_NAME, self._trained_model(extra, resume))
+
+
+@contextmanager
+def _stop_on_first_interrupt(trainer: Trainer):
+    """First Ctrl-C: finish the batch, save the resume checkpoint, stop. Second: stop at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer._stop_requested:
+            raise KeyboardInterrupt
+        trainer.request_stop()
+        trainer.log("\nstopping after this batch (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @torch.no_grad()
@@ -422,19 +694,74 @@ def train(
 
 
 def fit(corpus: Corpus, preset: str = "default", log: Callable[[str], None] = print,
-        progress: bool = True, **overrides) -> TrainResult:
-    """Like ``train`` but returns the whole ``TrainResult`` (history, best path, interruption)."""
+        progress: bool = True, resume: str | Path | None = None, **overrides) -> TrainResult:
+    """Like ``train`` but returns the whole ``TrainResult`` (history, best path, interruption).
+
+    ``resume``: a checkpoint to continue from. ``last.safetensors`` continues exactly (same
+    settings unless overridden); any other checkpoint, e.g. an imported Keras model, is
+    fine-tuned with its own model settings and a fresh optimiser.
+    """
+    if resume is not None:
+        return _fit_resumed(corpus, Path(resume), preset, log, progress, overrides)
     vocab = Vocab.from_text(corpus.text)
     model_config, train_config = preset_configs(preset, len(vocab), **overrides)
     ids = vocab.encode(corpus.text)
-    min_len = model_config.window + 2 if train_config.batching == "windows" else train_config.batch_size * 2 + 2
-    if len(ids) * (1 - train_config.val_fraction) < min_len:
-        raise CharLSTMError(f"the text has {len(ids)} characters: too short for a window of "
-                            f"{model_config.window} and batch size {train_config.batch_size}")
+    _check_length(ids, model_config, train_config)
     torch.manual_seed(train_config.seed)
     model = CharLSTM(model_config)
     trainer = Trainer(model, vocab, ids, train_config, corpus=corpus, log=log, progress=progress)
     return trainer.fit()
+
+
+def _fit_resumed(corpus: Corpus, path: Path, preset: str, log, progress: bool, overrides: dict) -> TrainResult:
+    trained = checkpoint.load(path)
+    model_over, train_over = split_overrides(overrides)
+    model = _with_regularisation(trained.model, model_over)
+    saved = trained.training.get("config")
+    if saved and trained.training.get("resume"):
+        train_kw = {**asdict(TrainConfig.from_dict(saved)), **train_over}
+    else:
+        train_kw = {**PRESETS[_fine_tuning_preset(preset, model.config)][1], **train_over}
+    train_config = _finish_train_config(train_kw, train_over)
+    if corpus.normalization != trained.normalization:
+        log("warning: the text is normalised differently from the checkpoint's training text")
+    ids = trained.vocab.encode(corpus.text)
+    _check_length(ids, model.config, train_config)
+    trainer = Trainer(model, trained.vocab, ids, train_config, corpus=corpus, log=log, progress=progress)
+    trainer.restore(trained, source=path)
+    return trainer.fit()
+
+
+def _fine_tuning_preset(preset: str, config: ModelConfig) -> str:
+    """The asked-for preset if it trains this kind of model, else the one that does."""
+    if preset not in PRESETS:
+        raise CharLSTMError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    if PRESETS[preset][0].get("target", "all") == config.target:
+        return preset
+    return "tutorial-small" if config.target == "last" else "default"
+
+
+def _with_regularisation(model: CharLSTM, model_over: dict) -> CharLSTM:
+    """The same weights with new dropout settings; anything else cannot change on resume."""
+    fixed = sorted(k for k in model_over if k not in REGULARISATION_FIELDS
+                   and model_over[k] != getattr(model.config, k))
+    if fixed:
+        raise CharLSTMError(f"--{fixed[0].replace('_', '-')} cannot change when resuming a checkpoint "
+                            f"(only {', '.join(REGULARISATION_FIELDS)} can)")
+    if not model_over:
+        return model
+    new = CharLSTM(replace(model.config, **model_over))
+    new.load_state_dict(model.state_dict())
+    return new
+
+
+def _check_length(ids: np.ndarray, model_config: ModelConfig, train_config: TrainConfig) -> None:
+    spare = train_config.bptt - 1 if train_config.random_offset else 0
+    min_len = (model_config.window + 2 if train_config.batching == "windows"
+               else train_config.batch_size * 2 + 2 + spare)
+    if len(ids) * (1 - train_config.val_fraction) < min_len:
+        raise CharLSTMError(f"the text has {len(ids)} characters: too short for a window of "
+                            f"{model_config.window} and batch size {train_config.batch_size}")
 
 
 def with_overrides(config: TrainConfig, **changes) -> TrainConfig:
