@@ -485,7 +485,7 @@ def test_error_missing_and_damaged_files(tmp_path, capsys, keras_checkpoint, ker
     assert_one_line_error(capsys, "import-keras", tmp_path / "none.hdf5", "--text", keras_text,
                           expect=["no such file"])
     assert_one_line_error(capsys, "import-keras", keras_checkpoint, "--text", tmp_path / "none.txt",
-                          expect=["no such text file"])
+                          expect=["no such file"])
     truncated = tmp_path / "truncated.hdf5"
     truncated.write_bytes(keras_checkpoint.read_bytes()[:200_000])
     assert_one_line_error(capsys, "import-keras", truncated, "--text", keras_text, expect=[str(truncated)])
