@@ -65,11 +65,11 @@ class Outcome:
     epochs: float = 0.0
 
 
-def run_idea(idea: Idea, text_path: Path, budget: float, seed: int) -> Outcome:
+def run_idea(idea: Idea, text_path: Path, budget: float, seed: int, threads: int) -> Outcome:
     corpus = Corpus.from_files(text_path, Normalization(strip_punctuation=idea.strip_punctuation))
     with tempfile.TemporaryDirectory() as out:
         result = fit(corpus, idea.preset, log=lambda _: None, progress=False, output_dir=out,
-                     time_budget=budget, seed=seed, **idea.overrides)
+                     time_budget=budget, seed=seed, threads=threads, **idea.overrides)
     vals = [r.val_loss for r in result.history if r.val_loss is not None]
     rates = [r.chars_per_s for r in result.history]
     return Outcome(idea, min(vals) if vals else None, sum(rates) / max(len(rates), 1), len(result.history))
@@ -100,10 +100,12 @@ def main() -> int:
     parser.add_argument("--text", type=Path, default=Path("../shared/corpora/pg11.txt"))
     parser.add_argument("--budget", type=float, default=180.0, help="seconds of training per idea")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0 = torch's choice)")
     parser.add_argument("--only", help="comma-separated idea numbers to run (the baseline always runs)")
     args = parser.parse_args()
     chosen = set(args.only.split(",")) | {"-"} if args.only else None
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+    threads = args.threads or torch.get_num_threads()
+    print(f"machine: {platform.processor() or platform.machine()}, {threads} torch threads per run, "
           f"torch {torch.__version__}; budget {args.budget:.0f} s per idea; text {args.text}", flush=True)
     outcomes = []
     for idea in IDEAS:
@@ -113,7 +115,7 @@ def main() -> int:
             outcomes.append(Outcome(idea))
             continue
         start = time.perf_counter()
-        outcome = run_idea(idea, args.text, args.budget, args.seed)
+        outcome = run_idea(idea, args.text, args.budget, args.seed, args.threads)
         outcomes.append(outcome)
         print(f"{idea.option}: val {outcome.val_nats:.4f} nats/char after {outcome.epochs} evaluations, "
               f"{outcome.chars_per_s:,.0f} chars/s ({time.perf_counter() - start:.0f} s)", flush=True)
