@@ -16,7 +16,6 @@ from charlstm.cli import main
 from charlstm.corpus import Corpus
 from charlstm.data import StreamBatches, load_ids, save_ids, split_train_val
 from charlstm.errors import CharLSTMError
-from charlstm.fused_lstm import lstm_sequence
 from charlstm.metrics import plot_run, read_metrics
 from charlstm.model import CharLSTM, ModelConfig
 from charlstm.train import LN2, EpochRecord, Trainer, evaluate_ids, preset_configs
@@ -228,39 +227,29 @@ def test_streams_continue_each_other_and_move_between_epochs(tmp_path):
     assert x0.dtype == torch.int64
 
 
-# ----------------------------------------------------------------------- the fused LSTM path
+# ----------------------------------------------------------------------- regularisation
 
 
-def test_fused_lstm_matches_torch_lstm_values_and_gradients():
+def test_weight_drop_trains_the_recurrent_weight_through_its_mask():
     torch.manual_seed(0)
-    lstm = torch.nn.LSTM(6, 8)
-    x = torch.randn(12, 3, 6, requires_grad=True)
-    h0, c0 = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
-    ref, (h_ref, c_ref) = lstm(x, (h0, c0))
-    (ref.square().sum() + h_ref.sum() + 2 * c_ref.sum()).backward()
-    ref_grads = [p.grad.clone() for p in lstm.parameters()] + [x.grad.clone()]
-    lstm.zero_grad()
-    x.grad = None
-    xp = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
-    out, h, c = lstm_sequence(xp, lstm.weight_hh_l0, h0[0], c0[0])
-    (out.square().sum() + h.sum() + 2 * c.sum()).backward()
-    assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(h, h_ref[0], atol=1e-6)
-    assert torch.allclose(c, c_ref[0], atol=1e-6)
-    for got, want in zip([p.grad for p in lstm.parameters()] + [x.grad], ref_grads):
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_model_training_path_matches_inference_path():
-    model = CharLSTM(ModelConfig(vocab_size=20, units=16, layers=2, dropout=0.0))
-    ids = torch.randint(0, 20, (3, 9))
-    model.train()
-    assert model.uses_fused_path(ids.device)
-    fused_logits, fused_state = model(ids)
+    model = CharLSTM(ModelConfig(vocab_size=20, units=16, layers=1, dropout=0.0, weight_drop=0.5)).train()
+    ids = torch.randint(0, 20, (2, 7))
+    torch.manual_seed(5)
+    logits, _ = model(ids)
+    logits.sum().backward()
+    grad = model.lstms[0].weight_hh_l0.grad.clone()
+    # the same computation by hand: a plain LSTM whose W_hh is the dropped copy
+    torch.manual_seed(5)
+    mask = F.dropout(torch.ones_like(model.lstms[0].weight_hh_l0), 0.5, training=True)
+    plain = CharLSTM(ModelConfig(vocab_size=20, units=16, layers=1, dropout=0.0))
+    plain.load_state_dict(model.state_dict())
     with torch.no_grad():
-        plain_logits, plain_state = model(ids)  # no grad: torch's own LSTM
-    assert torch.allclose(fused_logits, plain_logits, atol=1e-5)
-    assert torch.allclose(fused_state[1][1], plain_state[1][1], atol=1e-5)
-    assert torch.allclose(model(ids, last_only=True)[0], plain_logits[:, -1], atol=1e-5)
+        plain.lstms[0].weight_hh_l0.mul_(mask)
+    expected, _ = plain.train()(ids)
+    expected.sum().backward()
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert torch.allclose(grad, plain.lstms[0].weight_hh_l0.grad * mask, atol=1e-6)
+    assert (grad[mask == 0] == 0).all()
 
 
 def test_weight_drop_only_in_training():

@@ -9,11 +9,13 @@ Targets: ``last`` (the tutorial: one prediction per window) or ``all`` (every po
 predicts its next character). Layers are stacked single LSTMs, each followed by dropout as in
 the tutorial's Keras models. ``recurrent_activation='hard_sigmoid'`` reproduces Keras 2's
 LSTM (used by imported checkpoints); 'sigmoid' with ``activation='tanh'`` uses PyTorch's fused
-LSTM, any other pair the step-by-step ``LoopLSTM``.
+LSTM (oneDNN on CPUs, in bf16 under autocast; cuDNN on CUDA), any other pair the step-by-step
+``LoopLSTM``.
 
 Regularisation beyond plain dropout (AWD-LSTM, Merity et al. 2017): ``variational`` dropout
 uses one mask per sequence for every time step, and ``weight_drop`` drops hidden-to-hidden
-weights (DropConnect), one mask per batch. Both are training-only and change no parameters.
+weights (DropConnect), one mask per batch, handed to the fused LSTM in place of its weight so
+the fast kernel still runs. Both are training-only and change no parameters.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CharLSTMError
-from .fused_lstm import lstm_sequence
 
 INPUTS = ("scaled", "onehot", "embedding")
 TARGETS = ("last", "all")
@@ -174,7 +175,7 @@ class CharLSTM(nn.Module):
         zeros = lambda: torch.zeros(1, batch_size, self.config.units, device=device, dtype=dtype)  # noqa: E731
         return [(zeros(), zeros()) for _ in range(self.config.layers)]
 
-    def encode_inputs(self, ids: torch.Tensor, time_dim: int = 1) -> torch.Tensor:
+    def encode_inputs(self, ids: torch.Tensor) -> torch.Tensor:
         kind = self.config.input
         if kind == "embedding":
             x = self.embedding(ids)
@@ -182,62 +183,38 @@ class CharLSTM(nn.Module):
             x = F.one_hot(ids, self.config.vocab_size).to(self.head.weight.dtype)
         else:
             x = (ids.to(self.head.weight.dtype) / self.config.vocab_size).unsqueeze(-1)
-        return self._dropout(x, self.config.input_dropout, time_dim)
+        return self._dropout(x, self.config.input_dropout)
 
-    def _dropout(self, x: torch.Tensor, p: float, time_dim: int) -> torch.Tensor:
-        """Plain dropout, or with ``variational`` one mask shared by all time steps."""
+    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """Plain dropout, or with ``variational`` one mask per sequence shared by all steps."""
         if not self.training or p == 0.0:
             return x
         if not self.config.variational:
             return F.dropout(x, p, training=True)
-        shape = list(x.shape)
-        shape[time_dim] = 1
+        shape = (x.shape[0], 1, *x.shape[2:])  # (B, 1, features)
         mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p).div_(1.0 - p)
         return x * mask
 
-    def uses_fused_path(self, device: torch.device) -> bool:
-        """Training on a CPU, or with weight drop: the hand-written loop of ``fused_lstm``."""
-        if not (self.training and torch.is_grad_enabled()):
-            return False
-        if not all(isinstance(lstm, nn.LSTM) for lstm in self.lstms):
-            return False
-        return device.type == "cpu" or self.config.weight_drop > 0.0
+    def _run_layer(self, lstm: nn.Module, x: torch.Tensor, state):
+        if self.training and self.config.weight_drop:
+            # DropConnect: the fused kernel runs with a dropped copy of W_hh in its place
+            dropped = F.dropout(lstm.weight_hh_l0, self.config.weight_drop, training=True)
+            return torch.func.functional_call(lstm, {"weight_hh_l0": dropped}, (x, state))
+        return lstm(x, state)
 
     def forward(self, ids: torch.Tensor, state: State | None = None, last_only: bool = False):
         """ids (B, T) -> logits (B, T, V) or (B, V) with ``last_only``, and the new state."""
         if state is None:
             state = self.initial_state(ids.shape[0], device=ids.device)
-        if self.uses_fused_path(ids.device):
-            return self._forward_fused(ids, state, last_only)
         x = self.encode_inputs(ids)
         new_state: State = []
         for lstm, layer_state in zip(self.lstms, state):
-            x, layer_state = lstm(x, layer_state)
-            x = self._dropout(x, self.config.dropout, time_dim=1)
+            x, layer_state = self._run_layer(lstm, x, layer_state)
+            x = self._dropout(x, self.config.dropout)
             new_state.append(layer_state)
         if last_only:
             x = x[:, -1]
         return self.head(x), new_state
-
-    def _forward_fused(self, ids: torch.Tensor, state: State, last_only: bool):
-        """The training path: time-major, GEMMs in the autocast dtype (bf16) when enabled."""
-        device_type = ids.device.type
-        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else self.head.weight.dtype)
-        x = self.encode_inputs(ids.t(), time_dim=0)
-        new_state: State = []
-        for lstm, (h0, c0) in zip(self.lstms, state):
-            bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).to(dtype)
-            xp = F.linear(x.to(dtype), lstm.weight_ih_l0.to(dtype), bias)
-            w_hh = lstm.weight_hh_l0
-            if self.config.weight_drop:
-                w_hh = F.dropout(w_hh, self.config.weight_drop, training=True)
-            x, h, c = lstm_sequence(xp, w_hh.to(dtype), h0[0], c0[0])
-            x = self._dropout(x, self.config.dropout, time_dim=0)
-            new_state.append((h[None], c[None]))
-        if last_only:
-            return self.head(x[-1]), new_state
-        return self.head(x).transpose(0, 1), new_state
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, state: State | None = None):
