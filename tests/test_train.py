@@ -18,7 +18,7 @@ from charlstm.data import StreamBatches, load_ids, save_ids, split_train_val
 from charlstm.errors import CharLSTMError
 from charlstm.metrics import plot_run, read_metrics
 from charlstm.model import CharLSTM, ModelConfig
-from charlstm.train import LN2, EpochRecord, Trainer, evaluate_ids, preset_configs
+from charlstm.train import LN2, EpochRecord, Trainer, evaluate_ids, ids_to_text, preset_configs
 from charlstm.train_state import pack_optimizer, pack_rng, restore_rng, unpack_optimizer
 from charlstm.vocab import Vocab
 
@@ -225,6 +225,18 @@ def test_streams_continue_each_other_and_move_between_epochs(tmp_path):
     again = list(StreamBatches(ids, batch_size=4, bptt=30, random_offset=True, seed=1).epoch(1))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))  # same seed and epoch, same batches
     assert x0.dtype == torch.int64
+
+
+def test_training_reads_memory_mapped_ids(tmp_path, small_corpus):
+    vocab = Vocab.from_text(small_corpus.text)
+    save_ids(tmp_path / "ids.npy", vocab.encode(small_corpus.text))
+    ids = load_ids(tmp_path / "ids.npy")
+    assert ids.dtype == np.uint8 and isinstance(ids, np.memmap)
+    assert ids_to_text(ids, vocab) == small_corpus.text == vocab.decode(ids)
+    model_config, config = preset_configs("default", len(vocab), epochs=1, output_dir=str(tmp_path / "run"),
+                                          **SMALL)
+    result = Trainer(CharLSTM(model_config), vocab, ids, config, **QUIET).fit()
+    assert result.history[0].val_loss < math.log(len(vocab))
 
 
 # ----------------------------------------------------------------------- regularisation
