@@ -6,13 +6,19 @@ Every mistake a user can make ends in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import random
+import re
 import sys
 from pathlib import Path
+
+import torch
 
 from . import checkpoint
 from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization
 from .errors import CharLSTMError
+from .fast_step import BACKENDS
 from .generate import MODES, Generator, SamplingConfig
+from .keras_import import CHECK_CHARS, ImportOptions, TextReading, import_keras, keras_stem
 from .metrics import plot_run
 from .train import LN2, PRESETS, evaluate_ids, fit
 
@@ -104,23 +110,52 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _temperatures(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, not {text!r}") from None
+    return values
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def _unescape(text: str) -> str:
+    """Shell-typed escapes, so that --stop "\\n\\n" means two newlines."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True) -> None:
     if with_checkpoint:
         p.add_argument("checkpoint", type=Path)
     g = p.add_argument_group("generation")
-    g.add_argument("--length", type=int, default=1000, help="characters to generate (default 1000)")
+    g.add_argument("--length", type=int, default=1000, help="characters to generate per sample (default 1000)")
     g.add_argument("--prime", help="start from this text instead of a random training window")
     g.add_argument("--prime-unknown", choices=["error", "skip"], default="error",
-                   help="what to do with prime characters the model does not know")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy argmax (the tutorial)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--mode", choices=MODES, default="auto")
-    g.add_argument("--sample-seed", type=int, dest="gen_seed",
-                   help="seed for choosing the seed window and sampling")
+                   help="prime characters the model does not know: stop with an error naming them, or skip them")
+    g.add_argument("--temperature", type=_temperatures, default=[0.0], metavar="T[,T...]",
+                   help="0 = greedy argmax (the tutorial); several, e.g. 0.2,0.5,1.0, print one sample "
+                        "per temperature (the Keras example's diversity report)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only among the k likeliest characters (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample only among the likeliest characters holding this probability mass (1 = off)")
+    g.add_argument("--num-samples", type=_positive_int, default=1, metavar="N",
+                   help="samples per temperature, generated together as one batch")
+    g.add_argument("--stop", action="append", type=_unescape, default=[], metavar="TEXT",
+                   help="end a sample where this text appears, e.g. '\\n\\n' (repeatable; not printed)")
+    g.add_argument("--mode", choices=MODES, default="auto",
+                   help="stateful: prime once, one step per character; window: the tutorial's re-run of the "
+                        "last window per character; auto: window for window-trained models")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="stateful step path: native (C kernel compiled on first use), torch, module; auto picks")
+    g.add_argument("--sample-seed", type=int, dest="gen_seed", metavar="N",
+                   help="seed for choosing the seed window and sampling; sample i of --num-samples uses N+i")
     if with_checkpoint:
-        g.add_argument("--seed", type=int, dest="gen_seed", help="same as --sample-seed")
+        g.add_argument("--seed", type=int, dest="gen_seed", metavar="N", help="same as --sample-seed")
         g.add_argument("--device", default="cpu")
+        g.add_argument("--threads", type=_positive_int,
+                       help="CPU threads for PyTorch and for native batches of 32+ streams (default: PyTorch's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,11 +186,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("import-keras", help="convert a Keras checkpoint (the tutorial's .hdf5) to charlstm")
+    _add_import_keras_args(p)
+    p.set_defaults(func=cmd_import_keras)
+
     p = sub.add_parser("plot", help="PNG of training and validation loss per epoch of a run")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the training output folder (holds metrics.jsonl)")
     p.add_argument("-o", "--output", type=Path, help="PNG file (default RUN_DIR/loss.png)")
     p.set_defaults(func=cmd_plot)
     return parser
+
+
+KERAS_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "tanh", "relu", "linear")
+
+
+def _add_import_keras_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("keras_file", type=Path, metavar="FILE",
+                   help="Keras .hdf5/.h5 model or weights file, Keras 3 .weights.h5 or .keras")
+    p.add_argument("--text", type=Path, required=True, metavar="FILE",
+                   help="the text the model was trained on (its vocabulary is rebuilt from it)")
+    p.add_argument("-o", "--output", type=Path,
+                   help="checkpoint to write (default: FILE's name with .safetensors, in this folder)")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing the stored seed windows")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip scoring a piece of the text (which refuses texts the model predicts worse than chance)")
+    g = p.add_argument_group("reading the text as the training script did (default: UTF-8, a leading BOM "
+                             "dropped, line ends kept, lowercased)")
+    g.add_argument("--keep-case", action="store_true", help="the script did not lowercase the text")
+    g.add_argument("--keep-bom", action="store_true", help="a leading byte-order mark counted as a character")
+    g.add_argument("--universal-newlines", action="store_true", help="CRLF and CR were read as LF")
+    g.add_argument("--bytes", action="store_true", help="one character per byte (Python 2)")
+    g = p.add_argument_group("what a weights-only file does not say (a full-model file's config wins "
+                             "unless these are given)")
+    g.add_argument("--window", type=_positive_int, help="input length in characters (default 100)")
+    g.add_argument("--activation", choices=KERAS_ACTIVATIONS, help="LSTM activation (default tanh)")
+    g.add_argument("--recurrent-activation", choices=KERAS_ACTIVATIONS,
+                   help="LSTM gate activation (default: that of the file's Keras version)")
 
 
 # ----------------------------------------------------------------------- commands
@@ -200,30 +266,57 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = _train(args)
     if result.best_path is None:
         raise CharLSTMError("training stopped before the first checkpoint; nothing to generate from")
-    _print_generation(Generator(result.trained, device=result.trained.model.head.weight.device), args)
+    _print_generation(Generator(result.trained, device=result.trained.model.head.weight.device,
+                                backend=args.backend), args)
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     trained = checkpoint.load(args.checkpoint, device=args.device)
-    _print_generation(Generator(trained, device=args.device), args)
+    _print_generation(Generator(trained, device=args.device, backend=args.backend), args)
     return 0
 
 
 def _print_generation(gen: Generator, args: argparse.Namespace) -> None:
+    """One sample streams as it is produced; several are one batch, printed one after another."""
     prime = args.prime if args.prime is not None else gen.random_seed_text(args.gen_seed)
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    chars = gen.stream(prime, args.length, sampling=sampling, mode=args.mode, seed=args.gen_seed,
-                       prime_unknown=args.prime_unknown)
-    first = next(chars, "")  # validates the options before anything is printed
+    given_seed = args.gen_seed is not None
+    base_seed = args.gen_seed if given_seed else random.SystemRandom().randrange(2**31)
+    runs = [(t, i) for t in args.temperature for i in range(args.num_samples)]
+    samplings = [SamplingConfig(t, args.top_k, args.top_p) for t, _ in runs]
+    seeds = [base_seed + i for _, i in runs]
+    options = dict(mode=args.mode, prime_unknown=args.prime_unknown, stop=args.stop)
+    if len(runs) == 1:
+        chars = gen.stream(prime, args.length, sampling=samplings[0], seed=seeds[0], **options)
+        first = next(chars, "")  # validates the options before anything is printed
+        _print_seed(prime)
+        _write_flushed(first)
+        for ch in chars:
+            _write_flushed(ch)
+    else:
+        texts = gen.generate_batch(prime, args.length, samplings, seeds, **options)
+        _print_seed(prime)
+        for (temperature, index), seed, text in zip(runs, seeds, texts):
+            label = f"----- temperature: {temperature:g}"
+            if args.num_samples > 1:
+                label += f", sample {index + 1}"
+            if temperature > 0:
+                label += f" (--seed {seed})"
+            print(f"\n{label}")
+            print(text)
+    print("\nDone.")
+
+
+def _print_seed(prime: str) -> None:
     print("Seed:")
     print(f'"{prime}"')
-    sys.stdout.write(first)
-    for ch in chars:
-        sys.stdout.write(ch)
-        if ch == "\n":
-            sys.stdout.flush()
-    print("\nDone.")
+
+
+def _write_flushed(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -262,8 +355,11 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
     if config:
         keys = ("batch_size", "bptt", "lr", "weight_decay", "optimizer", "schedule", "precision", "time_budget")
         lines.append("training: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config))
-    if "imported_from" in training:
-        lines.append(f"imported from: {training['imported_from']}")
+    keras = training.get("keras")
+    if isinstance(keras, dict):
+        loss = training.get("loss")
+        lines.append(f"imported from Keras: {keras.get('file')} ({keras.get('format')}), text {keras.get('text')}"
+                     + (f", training loss {loss}" if loss is not None else ""))
     lines.append(f"epochs trained: {training.get('epoch', len(history))}")
     vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
     if vals:
@@ -285,6 +381,27 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     print(f"wrote {plot_run(args.run_dir, args.output)}")
+    return 0
+
+
+def cmd_import_keras(args: argparse.Namespace) -> int:
+    reading = TextReading(lowercase=not args.keep_case, keep_bom=args.keep_bom,
+                          universal_newlines=args.universal_newlines, as_bytes=args.bytes)
+    options = ImportOptions(reading=reading, window=args.window, activation=args.activation,
+                            recurrent_activation=args.recurrent_activation, seed=args.seed,
+                            check_chars=0 if args.no_check else CHECK_CHARS)
+    result = import_keras(args.keras_file, args.text, options)
+    output = args.output or Path(keras_stem(args.keras_file.name) + checkpoint.SUFFIX)
+    checkpoint.save(output, result.trained)
+    print(result.description)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"vocabulary: {len(result.trained.vocab)} characters of {args.text} ({reading.describe()})")
+    if result.check_loss is not None:
+        stated = result.trained.training.get("loss")
+        hint = f" (the file name says loss {stated})" if stated is not None else ""
+        print(f"check: {result.check_loss:.4f} nats/char on {result.check_chars} characters of the text{hint}")
+    print(f"wrote {output}")
     return 0
 
 

@@ -8,8 +8,9 @@ Input encodings:
 Targets: ``last`` (the tutorial: one prediction per window) or ``all`` (every position
 predicts its next character). Layers are stacked single LSTMs, each followed by dropout as in
 the tutorial's Keras models. ``recurrent_activation='hard_sigmoid'`` reproduces Keras 2's
-LSTM (used by imported checkpoints); 'sigmoid' uses PyTorch's fused LSTM (oneDNN on CPUs, in
-bf16 under autocast; cuDNN on CUDA).
+LSTM (used by imported checkpoints); 'sigmoid' with ``activation='tanh'`` uses PyTorch's fused
+LSTM (oneDNN on CPUs, in bf16 under autocast; cuDNN on CUDA), any other pair the step-by-step
+``LoopLSTM``.
 
 Regularisation beyond plain dropout (AWD-LSTM, Merity et al. 2017): ``variational`` dropout
 uses one mask per sequence for every time step, and ``weight_drop`` drops hidden-to-hidden
@@ -29,7 +30,10 @@ from .errors import CharLSTMError
 
 INPUTS = ("scaled", "onehot", "embedding")
 TARGETS = ("last", "all")
-RECURRENT_ACTIVATIONS = ("sigmoid", "hard_sigmoid")
+# Gate and cell activations an LSTM may use (the names Keras configs give them; Keras 3 redefined
+# hard_sigmoid, so its version has a name of its own).
+ACTIVATIONS = ("sigmoid", "hard_sigmoid", "hard_sigmoid_keras3", "tanh", "relu", "linear")
+RECURRENT_ACTIVATIONS = ACTIVATIONS
 LIMITS = {"vocab_size": 65535, "layers": 64, "units": 16384, "embedding_dim": 16384, "window": 1_000_000}
 
 State = list[tuple[torch.Tensor, torch.Tensor]]
@@ -47,6 +51,7 @@ class ModelConfig:
     recurrent_activation: str = "sigmoid"
     target: str = "all"
     window: int = 100
+    activation: str = "tanh"
     weight_drop: float = 0.0
     variational: bool = False
 
@@ -59,7 +64,7 @@ class ModelConfig:
             if not isinstance(value, int) or not 1 <= value <= limit:
                 raise CharLSTMError(f"model {name} must be an integer in [1, {limit}], not {value!r}")
         for name, allowed in (("input", INPUTS), ("target", TARGETS),
-                              ("recurrent_activation", RECURRENT_ACTIVATIONS)):
+                              ("recurrent_activation", RECURRENT_ACTIVATIONS), ("activation", ACTIVATIONS)):
             if getattr(self, name) not in allowed:
                 raise CharLSTMError(f"model {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if not isinstance(self.variational, bool):
@@ -90,17 +95,35 @@ def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(0.2 * x + 0.5, 0.0, 1.0)
 
 
+def hard_sigmoid_keras3(x: torch.Tensor) -> torch.Tensor:
+    """Keras 3's definition: relu6(x + 3) / 6."""
+    return F.hardsigmoid(x)
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def activation_function(name: str):
+    """The function behind one of ``ACTIVATIONS``."""
+    return {"sigmoid": torch.sigmoid, "hard_sigmoid": hard_sigmoid, "hard_sigmoid_keras3": hard_sigmoid_keras3,
+            "tanh": torch.tanh, "relu": torch.relu, "linear": identity}[name]
+
+
 class LoopLSTM(nn.Module):
     """One LSTM layer computed step by step, with a chosen gate activation.
 
     Parameters are named and shaped like a one-layer ``nn.LSTM`` (gate order i, f, g, o),
-    so checkpoints do not depend on which implementation runs.
+    so checkpoints do not depend on which implementation runs. ``cell_activation`` is used
+    for the candidate and the output (Keras' ``activation``, tanh by default).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, gate_activation=hard_sigmoid) -> None:
+    def __init__(self, input_size: int, hidden_size: int, gate_activation=hard_sigmoid,
+                 cell_activation=torch.tanh) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.gate_activation = gate_activation
+        self.cell_activation = cell_activation
         self.weight_ih_l0 = nn.Parameter(torch.empty(4 * hidden_size, input_size))
         self.weight_hh_l0 = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
         self.bias_ih_l0 = nn.Parameter(torch.zeros(4 * hidden_size))
@@ -117,8 +140,8 @@ class LoopLSTM(nn.Module):
             gates = projected[:, t] + h @ self.weight_hh_l0.T
             i, f, g, o = gates.chunk(4, dim=-1)
             i, f, o = self.gate_activation(i), self.gate_activation(f), self.gate_activation(o)
-            c = f * c + i * torch.tanh(g)
-            h = o * torch.tanh(c)
+            c = f * c + i * self.cell_activation(g)
+            h = o * self.cell_activation(c)
             outputs.append(h)
         return torch.stack(outputs, dim=1), (h[None], c[None])
 
@@ -138,9 +161,11 @@ class CharLSTM(nn.Module):
             raise CharLSTMError("weight drop needs the standard LSTM cell (sigmoid gates, tanh)")
 
     def _make_layer(self, input_size: int, units: int) -> nn.Module:
-        if self.config.recurrent_activation == "hard_sigmoid":
-            return LoopLSTM(input_size, units, hard_sigmoid)
-        return nn.LSTM(input_size, units, batch_first=True)
+        cfg = self.config
+        if cfg.recurrent_activation == "sigmoid" and cfg.activation == "tanh":
+            return nn.LSTM(input_size, units, batch_first=True)
+        return LoopLSTM(input_size, units, activation_function(cfg.recurrent_activation),
+                        activation_function(cfg.activation))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

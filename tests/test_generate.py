@@ -1,0 +1,405 @@
+"""Generation: the lean step path against the full forward pass, sampling properties, stop
+strings, streaming, batches, and the ``generate`` command."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from charlstm import CharLSTM, CharLSTMError, Generator, ModelConfig, SamplingConfig, TrainedModel, Vocab
+from charlstm import checkpoint
+from charlstm.cli import main
+from charlstm.fast_step import (NATIVE_CACHE_ENV, LeanWeights, NativeSampler, NativeStepper, make_stepper,
+                                native_library)
+from charlstm.generate import BatchSampler, StopMatcher, numpy_draw, stream_uniforms
+
+LEAN_BACKENDS = ("native", "torch")
+ALL_BACKENDS = ("native", "torch", "module")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _native_cache(tmp_path_factory):
+    """The native kernel compiles once per test session, into a temporary folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(NATIVE_CACHE_ENV, str(tmp_path_factory.getbasetemp() / "native"))
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are tiny: with cores shared, PyTorch's thread handoffs cost more than they give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vocab(keras_text) -> Vocab:
+    return Vocab.from_text(keras_text.read_text(encoding="utf-8").lower())
+
+
+@pytest.fixture(scope="module")
+def prime(keras_text) -> str:
+    return keras_text.read_text(encoding="utf-8").lower()[2000:2100]
+
+
+def sharp_model(vocab_size: int, seed: int = 0, **config) -> CharLSTM:
+    """A random model with weights scaled up so that gates saturate and choices are clear."""
+    torch.manual_seed(seed)
+    model = CharLSTM(ModelConfig(vocab_size=vocab_size, **config)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model
+
+
+def trained(vocab: Vocab, seed: int = 0, **config) -> TrainedModel:
+    config = {"layers": 2, "units": 32, "embedding_dim": 16, **config}
+    return TrainedModel(sharp_model(len(vocab), seed, **config), vocab)
+
+
+# ----------------------------------------------------------------------------- lean step path
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid"])
+@pytest.mark.parametrize("encoding", ["scaled", "onehot", "embedding"])
+def test_steps_match_the_full_forward_pass(encoding, activation, backend):
+    # 40 units: 160 gate rows, not a multiple of the native kernel's 64-wide panels
+    model = sharp_model(37, input=encoding, recurrent_activation=activation, layers=2, units=40,
+                        embedding_dim=12)
+    ids = torch.randint(0, 37, (3, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids)[0].softmax(-1).numpy()
+    stepper = make_stepper(model, 3, backend)
+    assert stepper.backend == backend
+    got = np.stack([stepper.step(ids[:, t].numpy()).copy() for t in range(ids.shape[1])], axis=1)
+    probs = torch.from_numpy(got).softmax(-1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+def test_prime_then_steps_match_the_forward_pass_over_the_whole_text(backend):
+    model = sharp_model(30, layers=3, units=16, input="onehot", target="last")
+    ids = list(np.random.default_rng(2).integers(0, 30, 70))
+    stepper = make_stepper(model, 1, backend)
+    got = [stepper.prime(ids[:40]).copy()] + [stepper.step(np.array([i])).copy() for i in ids[40:]]
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0][0, 39:].softmax(-1).numpy()
+    np.testing.assert_allclose(torch.from_numpy(np.concatenate(got)).softmax(-1).numpy(), full, atol=1e-5)
+
+
+def test_state_round_trips_between_the_model_and_the_stepper():
+    model = sharp_model(20, layers=2, units=24)
+    ids = torch.randint(0, 20, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, state = model(ids)
+        both = [(h.repeat(1, 2, 1), c.repeat(1, 2, 1)) for h, c in state]
+        next_logits, _ = model.step(torch.tensor([5, 6]), both)
+    stepper = make_stepper(model, 2, "native")
+    stepper.load_state(state)  # one stream's state, broadcast to both
+    np.testing.assert_allclose(stepper.step(np.array([5, 6])), next_logits.numpy(), atol=1e-5)
+    h = stepper.state()[0][0]
+    assert h.shape == (1, 2, 24) and not torch.equal(h[0, 0], h[0, 1])
+
+
+def test_threaded_shards_give_the_same_numbers_as_one_thread():
+    model = sharp_model(25, layers=2, units=32)
+    weights = LeanWeights.from_model(model)
+    one = NativeStepper(weights, 40, native_library(), threads=1)
+    three = NativeStepper(weights, 40, native_library(), threads=3)
+    assert (len(one._nets), len(three._nets)) == (1, 2)  # at least 16 streams per thread
+    ids = np.random.default_rng(0).integers(0, 25, size=(10, 40))
+    for row in ids:
+        np.testing.assert_array_equal(one.step(row), three.step(row))
+
+
+def test_native_backend_reports_a_missing_compiler_and_auto_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv(NATIVE_CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    model = sharp_model(20, layers=1, units=16)
+    with pytest.raises(CharLSTMError, match="did not compile"):
+        native_library()
+    with pytest.raises(CharLSTMError, match="failed to compile before"):
+        make_stepper(model, 1, "native")
+    assert make_stepper(model, 1, "auto").backend == "torch"
+
+
+def test_unknown_backend_is_a_user_error():
+    with pytest.raises(CharLSTMError, match="--backend"):
+        make_stepper(sharp_model(10, layers=1, units=8), 1, "fastest")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_uniforms_depend_only_on_seed_and_step():
+    block = stream_uniforms([7, 8, 9], 0, 300)
+    alone = stream_uniforms([8], 100, 50)
+    np.testing.assert_array_equal(alone[:, 0], block[100:150, 1])
+    assert ((block >= 0) & (block < 1)).all()
+    assert abs(block.mean() - 0.5) < 0.03 and len(np.unique(block)) == block.size
+
+
+def many_streams(sampling: SamplingConfig, n: int) -> BatchSampler:
+    return BatchSampler([sampling] * n, list(range(n)))
+
+
+def test_top_k_never_samples_outside_the_k_best():
+    logits = np.random.default_rng(0).normal(size=(1, 40)).astype(np.float32)
+    best = set(np.argsort(-logits[0])[:5].tolist())
+    sampler = many_streams(SamplingConfig(temperature=2.0, top_k=5), 4000)
+    picks = sampler.pick(np.repeat(logits, 4000, axis=0), step=0)
+    assert set(picks.tolist()) == best  # every one of the k best is reachable, nothing else
+    probs = BatchSampler([SamplingConfig(temperature=2.0, top_k=5)], [0]).probabilities(logits)[0]
+    assert set(np.flatnonzero(probs).tolist()) == best
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.5, 0.9, 0.999])
+def test_top_p_keeps_the_smallest_set_with_at_least_that_mass(top_p):
+    logits = np.random.default_rng(1).normal(scale=2.0, size=(1, 50)).astype(np.float32)
+    full = torch.from_numpy(logits[0].astype(np.float64) / 0.8).softmax(-1).numpy()
+    kept = BatchSampler([SamplingConfig(0.8, top_p=top_p)], [0]).probabilities(logits)[0] > 0
+    mass = np.sort(full)[::-1].cumsum()
+    n = int(kept.sum())
+    assert mass[n - 1] >= top_p - 1e-12 and (n == 1 or mass[n - 2] < top_p)
+    assert full[kept].min() >= full[~kept].max(initial=0.0)  # the kept ones are the likeliest
+
+
+def test_top_k_and_top_p_combine():
+    logits = np.array([[4.0, 3.9, 3.8, 0.0, -1.0]], dtype=np.float32)
+    probs = BatchSampler([SamplingConfig(1.0, top_k=2, top_p=0.99)], [0]).probabilities(logits)[0]
+    assert np.count_nonzero(probs) == 2 and probs.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("draw", ["numpy", "native"])
+def test_sampling_follows_the_tempered_distribution(draw):
+    logits = np.array([[2.0, 1.0, 0.5, 0.0, -3.0]], dtype=np.float32)
+    expected = torch.softmax(torch.tensor(logits[0], dtype=torch.float64) / 0.7, -1).numpy()
+    plain_draw = NativeSampler(native_library()) if draw == "native" else None
+    sampler = BatchSampler([SamplingConfig(0.7)] * 20000, list(range(20000)), plain_draw)
+    picks = sampler.pick(np.repeat(logits, 20000, axis=0), step=3)
+    observed = np.bincount(picks, minlength=5) / 20000
+    np.testing.assert_allclose(observed, expected, atol=0.015)
+
+
+def test_native_and_numpy_temperature_draws_agree():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(scale=3.0, size=(3000, 60)).astype(np.float32)
+    logits[:, 50:] = -200.0  # weights that underflow to zero are never drawn
+    inverse_t = 1.0 / rng.uniform(0.05, 3.0, size=3000)
+    uniforms = stream_uniforms([1], 0, 3000)[:, 0]
+    uniforms[:3] = [0.0, 1.0 - 2.0 ** -52, 0.5]
+    native = NativeSampler(native_library())(logits, inverse_t, uniforms)
+    np.testing.assert_array_equal(native, numpy_draw(logits, inverse_t, uniforms))
+    assert native.max() < 50
+
+
+@pytest.mark.parametrize("temperature", [1e-4, 1e-300])
+def test_temperature_near_zero_equals_greedy(vocab, prime, temperature):
+    logits = np.random.default_rng(4).normal(size=(500, 60)).astype(np.float32)
+    for draw in (None, NativeSampler(native_library())):
+        tiny = BatchSampler([SamplingConfig(temperature)] * 500, list(range(500)), draw).pick(logits, step=0)
+        np.testing.assert_array_equal(tiny, logits.argmax(axis=1))
+    gen = Generator(trained(vocab))
+    greedy = gen.generate(prime, 200, mode="stateful")
+    assert gen.generate(prime, 200, mode="stateful", sampling=SamplingConfig(1e-4), seed=9) == greedy
+
+
+def test_fixed_seed_reproduces_and_another_seed_differs(vocab, prime):
+    gen = Generator(trained(vocab, units=16))
+    sampling = SamplingConfig(1.0, top_k=20, top_p=0.95)
+    first = gen.generate(prime, 300, sampling=sampling, seed=11, mode="stateful")
+    assert gen.generate(prime, 300, sampling=sampling, seed=11, mode="stateful") == first
+    assert gen.generate(prime, 300, sampling=sampling, seed=12, mode="stateful") != first
+
+
+@pytest.mark.parametrize("bad", [SamplingConfig(-1.0), SamplingConfig(1.0, top_k=-2),
+                                 SamplingConfig(1.0, top_p=0.0)])
+def test_bad_sampling_settings_are_user_errors(vocab, prime, bad):
+    with pytest.raises(CharLSTMError):
+        Generator(trained(vocab, units=8)).generate(prime, 10, sampling=bad)
+
+
+# ----------------------------------------------------------------------------- stop strings
+
+
+def feed_all(matcher: StopMatcher, text: str) -> str:
+    return "".join(matcher.feed(ch) for ch in text) + ("" if matcher.stopped else matcher.flush())
+
+
+def test_stop_string_ends_the_text_and_is_not_output():
+    assert feed_all(StopMatcher(["\n\n"]), "one\ntwo\n\nthree") == "one\ntwo"
+    assert feed_all(StopMatcher(["xyz"]), "abxyxyzab") == "abxy"
+    assert feed_all(StopMatcher(["bc", "abcd"]), "zabcd") == "za"   # the earliest match wins
+    assert feed_all(StopMatcher(["zz"]), "no stop here") == "no stop here"
+
+
+def test_stop_matcher_holds_back_only_a_possible_stop_prefix():
+    matcher = StopMatcher(["abc"])
+    assert [matcher.feed(ch) for ch in "xab"] == ["x", "", ""]
+    assert matcher.feed("x") == "abx"  # not a stop after all: released at once
+
+
+def test_generation_stops_at_the_first_stop_string(vocab, prime):
+    gen = Generator(trained(vocab, units=24, seed=5))
+    free = gen.generate(prime, 400, sampling=SamplingConfig(1.2), seed=3, mode="stateful")
+    stop = free[150:152]
+    stopped = gen.generate(prime, 400, sampling=SamplingConfig(1.2), seed=3, mode="stateful", stop=[stop])
+    assert stopped == free[:free.index(stop)]
+
+
+def test_empty_stop_string_is_a_user_error(vocab, prime):
+    with pytest.raises(CharLSTMError, match="stop string"):
+        Generator(trained(vocab, units=8)).generate(prime, 10, stop=[""])
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def test_stream_yields_single_characters_lazily(vocab, prime):
+    gen = Generator(trained(vocab))
+    chars = gen.stream(prime, 50, mode="stateful")
+    assert iter(chars) is chars
+    first = next(chars)
+    rest = list(chars)
+    assert len(first) == 1 and all(len(c) == 1 for c in rest)
+    assert first + "".join(rest) == gen.generate(prime, 50, mode="stateful")
+
+
+# ----------------------------------------------------------------------------- batches and modes
+
+
+@pytest.mark.parametrize("mode, backend", [("stateful", b) for b in ALL_BACKENDS] + [("window", "auto")])
+def test_a_batch_equals_single_runs_with_the_same_seeds(vocab, prime, mode, backend):
+    gen = Generator(trained(vocab, units=24, window=20), backend=backend)
+    samplings = [SamplingConfig(0.0), SamplingConfig(0.5), SamplingConfig(1.0, top_k=8),
+                 SamplingConfig(1.5, top_p=0.9), SamplingConfig(1.0)]
+    seeds = [40, 41, 42, 43, 44]
+    length = 60 if mode == "window" else 150
+    batch = gen.generate_batch(prime, length, samplings, seeds, mode=mode, stop=["e t"])
+    singles = [gen.generate(prime, length, sampling=s, seed=seed, mode=mode, stop=["e t"])
+               for s, seed in zip(samplings, seeds)]
+    assert batch == singles
+    assert len(set(batch)) > 1
+
+
+def test_backends_generate_the_same_text(vocab, prime):
+    model = trained(vocab, units=24, recurrent_activation="hard_sigmoid", input="scaled")
+    texts = {b: Generator(model, backend=b).generate(prime, 200, mode="stateful", sampling=SamplingConfig(0.8),
+                                                      seed=1) for b in ALL_BACKENDS}
+    assert len(set(texts.values())) == 1
+
+
+def test_window_mode_re_runs_the_last_window_as_the_tutorial(vocab, prime):
+    tm = trained(vocab, units=16, window=12, target="last")
+    gen = Generator(tm)
+    assert gen.resolve_mode("auto") == "window"
+    ids = gen.prepare_prime(prime)
+    expected = []
+    with torch.no_grad():
+        for _ in range(40):
+            pattern = torch.tensor([ids[-12:]])
+            ids.append(int(tm.model(pattern, last_only=True)[0].argmax()))
+            expected.append(vocab.chars[ids[-1]])
+    assert gen.generate(prime, 40) == "".join(expected)
+
+
+def test_stateful_mode_carries_the_state_over_the_whole_text(vocab, prime):
+    tm = trained(vocab, units=16, window=12)
+    ids = Generator(tm).prepare_prime(prime)
+    text = Generator(tm).generate(prime, 30, mode="stateful")
+    full = ids + [vocab.chars.index(c) for c in text]
+    with torch.no_grad():
+        logits = tm.model(torch.tensor([full]))[0][0]
+    assert "".join(vocab.chars[i] for i in logits[len(ids) - 1:-1].argmax(-1).tolist()) == text
+
+
+def test_length_zero_and_bad_lengths(vocab, prime):
+    gen = Generator(trained(vocab, units=8))
+    assert gen.generate(prime, 0) == ""
+    with pytest.raises(CharLSTMError, match="--length"):
+        gen.generate(prime, -1)
+
+
+def test_unknown_prime_characters_are_named_or_skipped(vocab):
+    gen = Generator(trained(vocab, units=8))
+    with pytest.raises(CharLSTMError, match="'€'"):
+        gen.generate("the €uro", 5)
+    assert len(gen.generate("the €uro", 5, prime_unknown="skip")) == 5
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def checkpoint_file(tmp_path_factory, vocab, prime) -> str:
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    tm = trained(vocab, units=24)
+    tm.seed_windows = [prime]
+    checkpoint.save(path, tm)
+    return str(path)
+
+
+class FlushCounter(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def test_cli_streams_and_flushes_as_characters_come(checkpoint_file, monkeypatch):
+    out = FlushCounter()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["generate", checkpoint_file, "--length", "80", "--seed", "1", "--temperature", "0.9"]) == 0
+    text = out.getvalue()
+    assert text.startswith("Seed:\n") and text.rstrip().endswith("Done.")
+    assert out.flushes >= 80
+
+
+def test_cli_diversity_report_prints_each_temperature_and_sample(checkpoint_file, capsys):
+    argv = ["generate", checkpoint_file, "--length", "40", "--seed", "5", "--temperature", "0.2,0.5,1.0",
+            "--num-samples", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for t in ("0.2", "0.5", "1"):
+        assert f"----- temperature: {t}, sample 1 (--seed 5)" in out
+        assert f"----- temperature: {t}, sample 2 (--seed 6)" in out
+    # a sample of the report is reproduced alone by its temperature and seed
+    assert main(["generate", checkpoint_file, "--length", "40", "--seed", "6", "--temperature", "0.5"]) == 0
+    alone = capsys.readouterr().out.split('"\n', 2)[-1].rsplit("\nDone.", 1)[0]
+    assert "----- temperature: 0.5, sample 2 (--seed 6)\n" + alone + "\n" in out
+
+
+def test_cli_stop_option_understands_escapes(checkpoint_file, capsys, vocab, prime):
+    full = Generator(checkpoint.load(checkpoint_file)).generate(prime, 200, sampling=SamplingConfig(1.0), seed=2)
+    stop = full[60:62]
+    assert main(["generate", checkpoint_file, "--length", "200", "--seed", "2", "--temperature", "1",
+                 "--stop", stop.replace("\\", "\\\\").replace("\n", "\\n")]) == 0
+    assert capsys.readouterr().out.endswith('"\n' + full[:full.index(stop)] + "\nDone.\n")
+
+
+def test_cli_names_unknown_prime_characters(checkpoint_file, capsys):
+    assert main(["generate", checkpoint_file, "--prime", "price: 5€ or 6¥"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'¥'" in err and "'€'" in err
+    assert main(["generate", checkpoint_file, "--prime", "price: 5€", "--prime-unknown", "skip",
+                 "--length", "5"]) == 0
+
+
+@pytest.mark.parametrize("option", [["--temperature", "0.5,hot"], ["--temperature", "-1"], ["--top-p", "0"],
+                                    ["--num-samples", "0"], ["--backend", "gpu"]])
+def test_cli_rejects_bad_generation_options_in_one_line(checkpoint_file, capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        code = main(["generate", checkpoint_file, "--length", "5", *option])
+        raise SystemExit(code)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
