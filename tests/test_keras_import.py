@@ -222,7 +222,7 @@ def test_cli_import_generate_info_evaluate(tmp_path, capsys, keras_checkpoint, k
     sample.write_text(keras_text.read_text(encoding="utf-8-sig")[20000:20400], encoding="utf-8")
     code, stdout, _ = run_cli(capsys, "evaluate", out, "--text", sample)
     assert code == 0 and "nats/char" in stdout
-    assert float(stdout.split("nats/char: ")[1].split()[0]) < 2.5
+    assert float(stdout.split("model: ")[1].split()[0]) < 2.5  # nats/char
 
 
 def test_cli_default_output_name(tmp_path, capsys, monkeypatch, keras_checkpoint, keras_text):
@@ -485,7 +485,7 @@ def test_error_missing_and_damaged_files(tmp_path, capsys, keras_checkpoint, ker
     assert_one_line_error(capsys, "import-keras", tmp_path / "none.hdf5", "--text", keras_text,
                           expect=["no such file"])
     assert_one_line_error(capsys, "import-keras", keras_checkpoint, "--text", tmp_path / "none.txt",
-                          expect=["no such text file"])
+                          expect=["no such file"])
     truncated = tmp_path / "truncated.hdf5"
     truncated.write_bytes(keras_checkpoint.read_bytes()[:200_000])
     assert_one_line_error(capsys, "import-keras", truncated, "--text", keras_text, expect=[str(truncated)])

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .baselines import compressor_baselines, format_baselines, versus_best
 from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization
+from .data import split_train_val
 from .errors import CharLSTMError
 from .fast_step import BACKENDS
 from .generate import MODES, Generator, SamplingConfig
@@ -87,7 +89,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--final-lr-fraction", type=float, help="the cosine schedule ends at lr times this")
     g.add_argument("--clip", type=float, help="max gradient norm (0 = off)")
-    g.add_argument("--batching", choices=["windows", "streams"])
+    g.add_argument("--batching", choices=["windows", "streams", "sentences"],
+                   help="tutorial windows, contiguous streams (truncated BPTT) or padded sentences")
+    g.add_argument("--stateful", action="store_true", default=None,
+                   help="windows: consecutive windows in consecutive batches, LSTM state carried (Keras stateful=True)")
+    g.add_argument("--target", choices=["last", "all"],
+                   help="predict the character after each window (the tutorial) or every next character")
     g.add_argument("--bptt", type=_positive_int, help="stream piece length for truncated BPTT")
     g.add_argument("--random-offset", action=argparse.BooleanOptionalAction, default=None,
                    help="start the streams at a random offset each epoch")
@@ -177,9 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_args(p, with_checkpoint=False)
     p.set_defaults(func=cmd_run, time_budget=150.0)
 
-    p = sub.add_parser("evaluate", help="nats/char and bits/char of a checkpoint on a text")
+    p = sub.add_parser("evaluate", help="nats/char and bits/char of a checkpoint on a text, beside compressors")
     p.add_argument("checkpoint", type=Path)
     _add_corpus_args(p)
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="score only this last share of the text, the rest read as context (as training's "
+                        "validation does); 0 = the whole text")
+    p.add_argument("--unknown", choices=["error", "skip"], default="error",
+                   help="characters the model does not know: stop with an error, or skip them")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="what a checkpoint holds")
@@ -239,7 +251,7 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
 
 TRAIN_OPTIONS = ("input", "embedding_dim", "layers", "units", "dropout", "input_dropout", "window", "epochs",
                  "batch_size", "lr", "weight_decay", "optimizer", "schedule", "warmup_steps", "clip", "batching",
-                 "bptt", "val_fraction", "monitor", "patience", "time_budget", "output_dir",
+                 "bptt", "stateful", "target", "val_fraction", "monitor", "patience", "time_budget", "output_dir",
                  "checkpoint_template", "seed", "device", "precision", "weight_drop", "variational",
                  "final_lr_fraction", "random_offset", "threads", "sample_every", "sample_temperatures",
                  "sample_length")
@@ -324,9 +336,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     norm = trained.normalization
     args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
     corpus = corpus_from_args(args)
-    ids = trained.vocab.encode(corpus.text)
-    nats = evaluate_ids(trained.model, ids)
-    print(f"characters: {len(ids)}  nats/char: {nats:.4f}  bits/char: {nats / LN2:.4f}")
+    ids = trained.vocab.encode(corpus.text, unknown=args.unknown)
+    context, scored = split_train_val(ids, args.val_fraction) if args.val_fraction else (ids[:0], ids)
+    nats = evaluate_ids(trained.model, scored, context=context[-trained.config.window:])
+    bits = nats / LN2
+    baselines = compressor_baselines(trained.vocab.decode(context), trained.vocab.decode(scored))
+    where = f"the last {args.val_fraction:.0%} of the text" if args.val_fraction else "the whole text"
+    print(f"scored: {len(scored):,} characters ({where})")
+    print(f"model: {nats:.4f} nats/char = {bits:.4f} bits/char ({versus_best(bits, baselines)})")
+    print(f"compressors: {format_baselines(baselines)} bits/char")
     return 0
 
 

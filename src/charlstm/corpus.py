@@ -97,8 +97,8 @@ class Corpus:
         return len(self.text)
 
 
-def read_text_file(path: Path) -> str:
-    """Read a UTF-8 text file, refusing missing, empty, binary and undecodable files."""
+def read_text_bytes(path: Path) -> bytes:
+    """The bytes of a text file, refusing missing, empty and oversized files."""
     path = Path(path)
     if not path.is_file():
         raise CharLSTMError(f"{path}: no such file")
@@ -107,7 +107,12 @@ def read_text_file(path: Path) -> str:
         raise CharLSTMError(f"{path}: the file is empty")
     if size > MAX_TEXT_BYTES:
         raise CharLSTMError(f"{path}: {size} bytes is more than the 2 GiB a text may have")
-    raw = path.read_bytes()
+    return path.read_bytes()
+
+
+def read_text_file(path: Path) -> str:
+    """Read a UTF-8 text file, refusing missing, empty, binary and undecodable files."""
+    raw = read_text_bytes(path)
     if b"\x00" in raw[:65536]:
         raise CharLSTMError(f"{path}: looks like a binary file (it contains NUL bytes), not text")
     try:

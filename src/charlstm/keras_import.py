@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .checkpoint import TrainedModel
-from .corpus import MAX_TEXT_BYTES, Normalization, strip_gutenberg_boilerplate
+from .corpus import Normalization, read_text_bytes, strip_gutenberg_boilerplate
 from .data import random_windows
 from .errors import CharLSTMError
 from .model import CharLSTM, ModelConfig
@@ -654,15 +654,7 @@ def _describe(network: KerasNetwork, config: ModelConfig) -> str:
 
 def read_training_text(path: str | Path, reading: TextReading) -> tuple[str, bytes]:
     """The training text as the Keras script saw it, and the raw bytes (for diagnostics)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CharLSTMError(f"{path}: no such text file")
-    size = path.stat().st_size
-    if size == 0:
-        raise CharLSTMError(f"{path}: the text file is empty")
-    if size > MAX_TEXT_BYTES:
-        raise CharLSTMError(f"{path}: {size} bytes is more than the 2 GiB a text may have")
-    raw = path.read_bytes()
+    raw = read_text_bytes(Path(path))
     return reading.decode(raw, str(path)), raw
 
 

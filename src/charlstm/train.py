@@ -35,7 +35,8 @@ from . import checkpoint
 from .baselines import Baseline, compressor_baselines, format_baselines, versus_best
 from .checkpoint import TrainedModel
 from .corpus import Corpus
-from .data import StreamBatches, WindowBatches, random_windows, split_train_val
+from .data import (IGNORE_INDEX, SentenceBatches, StatefulWindowBatches, StreamBatches, WindowBatches,
+                   random_windows, split_train_val)
 from .errors import CharLSTMError
 from .metrics import MetricsLog
 from .model import CharLSTM, ModelConfig, detach_state
@@ -64,7 +65,8 @@ class TrainConfig:
     warmup_steps: int = 100
     final_lr_fraction: float = 0.05     # the cosine ends at lr * this
     clip: float = 1.0                   # max gradient norm, 0 = off
-    batching: str = "streams"           # windows | streams
+    batching: str = "streams"           # windows | streams | sentences
+    stateful: bool = False              # windows: consecutive windows in consecutive batches, state carried
     bptt: int = 100                     # stream piece length
     random_offset: bool = False         # streams start at a random offset each epoch
     val_fraction: float = 0.1
@@ -90,7 +92,7 @@ class TrainConfig:
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise CharLSTMError(f"--lr must be positive, not {self.lr}")
         choices = {"optimizer": ("adam", "adamw"), "schedule": ("constant", "cosine"),
-                   "batching": ("windows", "streams"), "monitor": ("loss", "val_loss"),
+                   "batching": ("windows", "streams", "sentences"), "monitor": ("loss", "val_loss"),
                    "precision": ("auto", "fp32", "bf16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -111,6 +113,13 @@ class TrainConfig:
             raise CharLSTMError("--sample-temperatures must be numbers in [0, 100], e.g. 0.2,0.5,1.0")
         if self.monitor == "val_loss" and self.val_fraction == 0:
             raise CharLSTMError("--monitor val_loss needs validation text: set --val-fraction above 0")
+        if self.stateful and self.batching != "windows":
+            raise CharLSTMError("--stateful applies to --batching windows (streams always carry the state)")
+
+    @property
+    def carries_state(self) -> bool:
+        """Whether consecutive batches continue each other, so the recurrent state is carried."""
+        return self.batching == "streams" or self.stateful
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -332,11 +341,27 @@ class Trainer:
         c, m = self.config, self.model.config
         if c.batching == "windows":
             if m.target != "last":
-                raise CharLSTMError("--batching windows trains one target per window: use a 'last'-target model")
+                raise CharLSTMError("--batching windows trains one target per window: use --target last")
+            if c.stateful:
+                return StatefulWindowBatches(self.train_ids, m.window, c.batch_size)
             return WindowBatches(self.train_ids, m.window, c.batch_size, shuffle=True, seed=c.seed)
         if m.target != "all":
-            raise CharLSTMError("--batching streams needs a model that predicts every position (target 'all')")
+            raise CharLSTMError(f"--batching {c.batching} needs a model that predicts every position: "
+                                f"use --target all")
+        if c.batching == "sentences":
+            return self._sentence_batches()
         return StreamBatches(self.train_ids, c.batch_size, c.bptt, random_offset=c.random_offset, seed=c.seed)
+
+    def _sentence_batches(self) -> SentenceBatches:
+        from .sentences import sentence_spans
+
+        spans = sentence_spans(self.vocab.decode(self.train_ids))
+        batches = SentenceBatches(self.train_ids, spans, self.config.batch_size, self.model.config.window,
+                                  shuffle=True, seed=self.config.seed)
+        self.log(f"Sentences: {len(spans)}; {batches.long_sentences} longer than the window of "
+                 f"{self.model.config.window} + 1 were cut into window-length pieces (nothing dropped); "
+                 f"padding is masked out of the loss")
+        return batches
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -349,8 +374,7 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=c.lr)
 
     def summary_lines(self) -> list[str]:
-        n_patterns = (self.batches.num_patterns if isinstance(self.batches, WindowBatches)
-                      else self.batches.num_targets)
+        n_patterns = getattr(self.batches, "num_patterns", None) or self.batches.num_targets
         return [
             f"Total Characters: {len(self.train_ids) + len(self.val_ids)}",
             f"Total Vocab: {len(self.vocab)}",
@@ -481,7 +505,7 @@ class Trainer:
         """Train the rest of the current epoch: 'done', 'out of time' or 'stopped'."""
         pos = self.position
         self.model.train()
-        carried = self.config.batching == "streams"
+        carried = self.config.carries_state
         state = self.carry if (carried and pos.batch) else None
         bar = tqdm(total=len(self.batches), initial=pos.batch, desc=f"Epoch {pos.epoch}",
                    disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
@@ -491,8 +515,9 @@ class Trainer:
                 t0 = time.perf_counter()
                 lr = self.lr_at(pos.step, self.elapsed())
                 loss, state = self._train_step(x, y, state if carried else None, lr)
-                pos.loss_sum += loss * y.numel()
-                pos.targets += y.numel()
+                targets = int((y != IGNORE_INDEX).sum()) if self.config.batching == "sentences" else y.numel()
+                pos.loss_sum += loss * targets
+                pos.targets += targets
                 pos.batch += 1
                 pos.epoch_seconds += time.perf_counter() - t0
                 self.carry = state if carried else None
@@ -516,7 +541,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             logits, state = self.model(x, state, last_only=last_only)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.clip:
