@@ -192,13 +192,12 @@ class CharLSTM(nn.Module):
         if not self.config.variational:
             return F.dropout(x, p, training=True)
         shape = (x.shape[0], 1, *x.shape[2:])  # (B, 1, features)
-        mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p).div_(1.0 - p)
-        return x * mask
+        return x * _keep_mask(x.new_empty(shape), p)
 
     def _run_layer(self, lstm: nn.Module, x: torch.Tensor, state):
         if self.training and self.config.weight_drop:
             # DropConnect: the fused kernel runs with a dropped copy of W_hh in its place
-            dropped = F.dropout(lstm.weight_hh_l0, self.config.weight_drop, training=True)
+            dropped = lstm.weight_hh_l0 * _keep_mask(lstm.weight_hh_l0, self.config.weight_drop)
             return torch.func.functional_call(lstm, {"weight_hh_l0": dropped}, (x, state))
         return lstm(x, state)
 
@@ -221,6 +220,12 @@ class CharLSTM(nn.Module):
         """One character per stream: ids (B,) -> logits (B, V), new state."""
         logits, state = self.forward(ids[:, None], state)
         return logits[:, 0], state
+
+
+def _keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """1/(1-p) with probability 1-p, else 0 (uniform draws: faster than bernoulli_ on CPUs)."""
+    keep = 1.0 - p
+    return (torch.rand(like.shape, device=like.device) < keep).to(like.dtype).div_(keep)
 
 
 def detach_state(state: State) -> State:

@@ -143,8 +143,8 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     ),
     # chosen by measurement on Alice (README, "Training quality")
     "default": (
-        dict(input="embedding", embedding_dim=64, layers=2, units=256, dropout=0.35, variational=True,
-             weight_drop=0.35, target="all", window=100),
+        dict(input="embedding", embedding_dim=64, layers=2, units=256, dropout=0.4, variational=True,
+             weight_drop=0.4, target="all", window=100),
         dict(epochs=50, batch_size=64, lr=8e-3, weight_decay=0.1, optimizer="adamw", schedule="cosine",
              warmup_steps=50, clip=1.0, batching="streams", bptt=50, random_offset=True, monitor="val_loss",
              patience=10),
