@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(p)
     _add_train_args(p)
     _add_generate_args(p, with_checkpoint=False)
-    p.set_defaults(func=cmd_run, time_budget=150.0)
+    # The quick start samples at a moderate temperature: greedy decoding (generate's default, as in
+    # the tutorial) loops on a model trained for minutes.
+    p.set_defaults(func=cmd_run, time_budget=150.0, temperature=[0.6])
 
     p = sub.add_parser("evaluate", help="nats/char and bits/char of a checkpoint on a text, beside compressors")
     p.add_argument("checkpoint", type=Path)
