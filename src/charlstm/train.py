@@ -147,7 +147,7 @@ PRESETS: dict[str, tuple[dict, dict]] = {
              weight_drop=0.4, target="all", window=100),
         dict(epochs=50, batch_size=64, lr=8e-3, weight_decay=0.1, optimizer="adamw", schedule="cosine",
              warmup_steps=50, clip=1.0, batching="streams", bptt=50, random_offset=True, monitor="val_loss",
-             patience=10),
+             patience=20),
     ),
 }
 
