@@ -43,3 +43,13 @@ def _isolated_cache(tmp_path, monkeypatch):
     """No test reads or writes the user's real download cache or mirror setting."""
     monkeypatch.setenv("CHARLSTM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("CHARLSTM_MIRROR", raising=False)
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory, pg11) -> Path:
+    """The first 6,000 cleaned characters of Alice, as a file: big enough to train on in seconds."""
+    from charlstm.corpus import Corpus
+
+    path = tmp_path_factory.mktemp("text") / "alice-start.txt"
+    path.write_text(Corpus.from_files(pg11).text[:6000], encoding="utf-8")
+    return path

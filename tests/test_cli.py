@@ -10,18 +10,9 @@ import pytest
 
 from charlstm import checkpoint
 from charlstm.cli import main
-from charlstm.corpus import Corpus
 from charlstm.train import Trainer
 
 TINY = ["--units", "32", "--window", "20", "--batch-size", "32", "--no-progress", "--seed", "1"]
-
-
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory, pg11):
-    """The first 6,000 cleaned characters of Alice, as a file."""
-    path = tmp_path_factory.mktemp("text") / "alice-start.txt"
-    path.write_text(Corpus.from_files(pg11).text[:6000], encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

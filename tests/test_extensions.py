@@ -19,13 +19,6 @@ from charlstm.train import Trainer, TrainConfig
 TINY = ["--units", "24", "--window", "20", "--no-progress", "--seed", "1", "--precision", "fp32"]
 
 
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory, pg11):
-    path = tmp_path_factory.mktemp("text") / "alice-start.txt"
-    path.write_text(Corpus.from_files(pg11).text[:5000], encoding="utf-8")
-    return path
-
-
 def _train(tmp_path, small_text, *args) -> tuple[int, list[dict]]:
     code = main(["train", "--text", str(small_text), "-o", str(tmp_path), *TINY, *args])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] if code == 0 else []
@@ -128,7 +121,7 @@ def test_evaluate_prints_bits_and_compressor_baselines(tmp_path, small_text, cap
     assert main(["evaluate", str(tmp_path / "best.safetensors"), "--text", str(small_text),
                  "--val-fraction", "0.1"]) == 0
     out = capsys.readouterr().out
-    assert "scored: 500 characters" in out
+    assert "scored: 600 characters" in out
     model_line = next(line for line in out.splitlines() if line.startswith("model:"))
     nats, bits = float(model_line.split()[1]), float(model_line.split()[4])
     assert bits == pytest.approx(nats / np.log(2), abs=1e-3)

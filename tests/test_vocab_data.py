@@ -92,7 +92,7 @@ def test_stateful_windows_continue_each_other_across_batches():
     batches = StatefulWindowBatches(ids, window=10, batch_size=4)
     pieces = list(batches.epoch())
     assert len(pieces) == len(batches) == 24  # 250 per stream, (250 - 1) // 10 windows
-    (x0, y0), (x1, y1) = pieces[0], pieces[1]
+    (x0, y0), (x1, _) = pieces[0], pieces[1]
     assert (x1[:, 0] == x0[:, -1] + 1).all()  # row i of batch k+1 continues row i of batch k
     assert (y0 == x0[:, -1] + 1).all() and (y0 == x1[:, 0]).all()
     assert x0[2, 0].item() == 500
