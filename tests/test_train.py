@@ -84,6 +84,20 @@ def test_evaluation_scores_every_character_left_to_right(alice_start):
     assert math.isclose(evaluate_ids(model, ids[:1200], chunk=97), whole, rel_tol=1e-5)
 
 
+def test_stream_evaluation_runs_on_one_thread_and_restores_the_count(monkeypatch):
+    model = CharLSTM(ModelConfig(vocab_size=10, units=8, layers=1))
+    seen = []
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (seen.append(torch.get_num_threads()), original(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        evaluate_ids(model, np.arange(30, dtype=np.uint8) % 10, chunk=8)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------- checkpoint selection
 
 
