@@ -29,11 +29,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+
+import charlstm  # noqa: E402,F401  (first: it sets the OpenMP wait policy before torch loads)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from charlstm.baselines import compressor_baselines  # noqa: E402
 from charlstm.corpus import Corpus  # noqa: E402
@@ -185,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="CPU threads for training (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--measure-throughput", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.measure_throughput:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(measure_throughput()))
+        return 0
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if args.threads:
@@ -203,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{b.name} {b.bits_per_char:.3f} bits/char" for b in baselines))
 
     if not args.skip_throughput:
-        print_throughput()
+        print_throughput(args.threads)
 
     runs: list[Run] = []
     for budget in budgets:
@@ -219,23 +226,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_throughput() -> None:
+def measure_throughput() -> dict:
+    """GEMM ceiling and training rates, measured in this process (see ``print_throughput``)."""
     ceiling = gemm_ceiling()
+    rates = {f"{'reg' if reg else 'plain'}-{'bf16' if bf16 else 'fp32'}": training_throughput(bf16, reg)
+             for reg in (False, True) for bf16 in (False, True)}
+    return {"ceiling": ceiling, "rates": rates, "threads": torch.get_num_threads()}
+
+
+def print_throughput(threads: int | None) -> None:
+    """Each OpenMP wait policy needs a fresh process: charlstm's (threads sleep while they wait)
+    and OpenMP's default (threads spin)."""
     flops = model_flops_per_char(ModelConfig(vocab_size=45, layers=2, units=256, embedding_dim=64))
-    print(f"\nGEMM ceiling measured here (best of 3 shapes): fp32 {ceiling['fp32']:.0f} GFLOP/s, "
-          f"bf16 {ceiling['bf16']:.0f} GFLOP/s")
+    results = {}
+    for policy in ("PASSIVE", "ACTIVE"):
+        env = {**os.environ, "OMP_WAIT_POLICY": policy}
+        cmd = [sys.executable, __file__, "--measure-throughput"] + (["--threads", str(threads)] if threads else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        results[policy] = json.loads(out.strip().splitlines()[-1])
+    ceiling = results["PASSIVE"]["ceiling"]
+    print(f"\nGEMM ceiling measured here (best of 3 shapes, {results['PASSIVE']['threads']} threads): "
+          f"fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s")
     print(f"training throughput, 2 x 256 LSTM, embedding 64, batch 64 x 100 steps "
           f"({flops / 1e6:.2f} MFLOP per target character, nominal):\n")
-    print("| model | precision | target chars/s | GFLOP/s | share of GEMM ceiling |")
-    print("|---|---|---:|---:|---:|")
-    for regularised in (False, True):
-        for bf16 in (False, True):
-            rate = training_throughput(bf16, regularised)
-            gflops = rate * flops / 1e9
-            ceil = ceiling["bf16" if bf16 else "fp32"]
-            name = "variational dropout + weight drop" if regularised else "no dropout"
-            print(f"| {name} | {'bf16' if bf16 else 'fp32'} | {rate:,.0f} | {gflops:.0f} | {gflops / ceil:.0%} |",
-                  flush=True)
+    print("| model | precision | OpenMP threads wait | target chars/s | GFLOP/s | share of GEMM ceiling |")
+    print("|---|---|---|---:|---:|---:|")
+    for key, name in (("plain", "no dropout"), ("reg", "variational dropout + weight drop")):
+        for precision in ("fp32", "bf16"):
+            for policy, how in (("PASSIVE", "sleeping (charlstm)"), ("ACTIVE", "spinning (OpenMP default)")):
+                rate = results[policy]["rates"][f"{key}-{precision}"]
+                gflops = rate * flops / 1e9
+                print(f"| {name} | {precision} | {how} | {rate:,.0f} | {gflops:.0f} | "
+                      f"{gflops / ceiling[precision]:.0%} |")
 
 
 def print_table(runs: list[Run], baselines) -> None:
