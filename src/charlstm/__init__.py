@@ -8,14 +8,6 @@ Five lines in a notebook::
     print(generate(model, length=200))
 """
 
-import os as _os
-
-# PyTorch's OpenMP threads spin while they wait for work. When other processes keep the cores
-# busy, that spinning made two-thread training and evaluation hundreds of times slower on this
-# project's shared 2-core machine; sleeping instead does not. It only takes effect when set
-# before torch is first imported, and the user's own setting wins.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from .checkpoint import TrainedModel, load, save
 from .corpus import Corpus, Normalization
 from .errors import CharLSTMError
