@@ -284,12 +284,6 @@ def ids_fingerprint(ids: np.ndarray, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()[:16]
 
 
-def ids_to_text(ids: np.ndarray, vocab: Vocab) -> str:
-    """Decode without a Python loop: a code-point table, then one UTF-32 decode."""
-    table = np.array([ord(c) for c in vocab.chars], dtype=np.uint32)
-    return table[np.asarray(ids)].astype("<u4").tobytes().decode("utf-32-le")
-
-
 class Trainer:
     def __init__(
         self,
@@ -465,8 +459,8 @@ class Trainer:
         if len(self.val_ids) and not self.baselines:
             # compressors only look back so far; a bounded context keeps this quick on big corpora
             context = self.train_ids[-BASELINE_CONTEXT:]
-            self.baselines = compressor_baselines(ids_to_text(context, self.vocab),
-                                                  ids_to_text(self.val_ids[:BASELINE_VAL], self.vocab))
+            self.baselines = compressor_baselines(self.vocab.decode(context),
+                                                  self.vocab.decode(self.val_ids[:BASELINE_VAL]))
         if self.baselines:
             self.log(f"Compressor baselines on the validation text (bits/char): {format_baselines(self.baselines)}")
         result = TrainResult(trained=self._trained_model(), baselines=self.baselines)
