@@ -19,6 +19,7 @@ from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization
 from .data import split_train_val
 from .errors import CharLSTMError
 from .fast_step import BACKENDS
+from .finetune import resolve_init
 from .generate import MODES, Generator, SamplingConfig
 from .keras_import import CHECK_CHARS, ImportOptions, TextReading, import_keras, keras_stem
 from .metrics import plot_run
@@ -110,6 +111,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
     g.add_argument("--resume", type=Path, metavar="CHECKPOINT",
                    help="continue from a checkpoint: last.safetensors exactly, any other one as fine-tuning")
+    g.add_argument("--init", metavar="english|CHECKPOINT",
+                   help="fine-tune a pretrained model on this text: 'english' (the shipped base) or a checkpoint")
     g.add_argument("--sample-every", type=int, metavar="N", help="print generated samples every N epochs")
     g.add_argument("--sample-temperatures", type=_float_list, metavar="T,T,...",
                    help="temperatures for those samples (default 0.2,0.5,1.0)")
@@ -260,12 +263,15 @@ TRAIN_OPTIONS = ("input", "embedding_dim", "layers", "units", "dropout", "input_
 
 
 def _train(args: argparse.Namespace):
+    if args.init is not None:
+        resolve_init(args.init)  # a missing model is reported before the text is read
     if args.resume is not None:  # read the text the way the checkpoint's text was read
         norm = checkpoint.load(args.resume).normalization
         args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
     corpus = corpus_from_args(args)
     overrides = {name: getattr(args, name) for name in TRAIN_OPTIONS}
-    result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, **overrides)
+    result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, init=args.init,
+                 **overrides)
     if result.best_path:
         print(f"best checkpoint: {result.best_path}")
     return result
@@ -380,6 +386,10 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
         loss = training.get("loss")
         lines.append(f"imported from Keras: {keras.get('file')} ({keras.get('format')}), text {keras.get('text')}"
                      + (f", training loss {loss}" if loss is not None else ""))
+    init = training.get("init")
+    if init:
+        lines.append(f"fine-tuned from: {init.get('init')} (sha256 {str(init.get('sha256'))[:12]}, "
+                     f"{init.get('characters_new', 0)} new characters)")
     lines.append(f"epochs trained: {training.get('epoch', len(history))}")
     vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
     if vals:
