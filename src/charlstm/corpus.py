@@ -1,7 +1,9 @@
 """Stage 1: getting text. Reads files or Project Gutenberg books and cleans them.
 
 Cleaning follows the tutorial: drop the Gutenberg header (through the ``*** START OF ...``
-line), end the book at the line ``THE END`` (or at ``*** END OF ...``), lowercase by default.
+line, in any of the variants Gutenberg has shipped), end the book at the footer (``*** END OF
+...`` or the "End of the Project Gutenberg EBook" line before it) or, in a file without one,
+at its last ``THE END`` line; lowercase by default.
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ GUTENBERG_URLS = (
 # Names a book may have inside a mirror directory or under a mirror URL, in order of preference.
 MIRROR_NAMES = ("pg{id}.txt", "{id}-0.txt", "{id}.txt", "{id}/pg{id}.txt", "{id}/{id}-0.txt")
 
-# The marker variants Gutenberg really ships: "*** START OF THIS ...", "***START OF THE ...",
-# indented markers, E-text spellings, and the 1990s "*END*THE SMALL PRINT! ...*END*" header.
-# Line ends may still be CRLF here (file windows are searched before newlines are normalised).
-_START_RE = re.compile(r"^[ \t]*\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG E-?(BOOK|TEXT)"
+# The marker variants Gutenberg has shipped: indented or not, with or without the space after
+# ``***``, THIS/THE, EBOOK/E-BOOK/ETEXT, a title wrapped onto a second line; old etexts end their
+# header with the "small print" line and their book with an "End of (the) Project Gutenberg
+# Etext" line. Line ends may still be CRLF here (``prepare`` searches raw file windows).
+_START_RE = re.compile(r"^[ \t]*\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG (E-?BOOK|ETEXT)"
                        r"(?:[^*\n]*\n(?=[^\n]*\*\*\*))?.*$", re.M | re.I)  # a title may wrap onto a 2nd line
-_SMALL_PRINT_END_RE = re.compile(r"^[ \t]*\*END\*? ?THE SMALL PRINT!.*\*END\*[ \t\r]*$", re.M)
-_END_RE = re.compile(r"^[ \t]*(\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG E-?(BOOK|TEXT)"
-                     r"|END OF (THE |THIS )?PROJECT GUTENBERG(\S{1,3}S)? ).*$", re.M | re.I)  # 's, ’s (3 bytes in UTF-8)
-_THE_END_RE = re.compile(r"^[ \t]*THE END[ \t\r]*$", re.M)
+_SMALL_PRINT_END_RE = re.compile(r"^[ \t]*\*END\*? ?THE SMALL PRINT.*$", re.M | re.I)
+_END_RE = re.compile(r"^[ \t]*(\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG (E-?BOOK|ETEXT)"
+                     r"|END OF (THE |THIS )?PROJECT GUTENBERG(\S{1,3}S)?\b).*$", re.M | re.I)  # 's, ’s (3 bytes in UTF-8)
+_THE_END_RE = re.compile(r"^[ \t]*THE END[ \t.\r]*$", re.M)
 MAX_TEXT_BYTES = 2 * 1024**3
 
 
@@ -200,16 +203,17 @@ def gutenberg_body_start(head: str) -> int:
 
 
 def gutenberg_body_end(tail: str) -> tuple[int, bool]:
-    """Where the book ends in ``tail`` (a file's end, after the start): just after the last
-    ``THE END`` line before the footer, else before the footer's first line (trailing blanks
-    dropped). The flag says a newline must follow the cut; text without markers is kept whole."""
+    """Where the book ends in ``tail`` (a file's end, after the start): before the footer's first
+    line (trailing blanks dropped); without a footer, just after the last ``THE END`` line (a
+    collection has one per story, and plays go on after one). The flag says a newline must
+    follow the cut; text without markers is kept whole."""
     footer = _END_RE.search(tail)
-    limit = footer.start() if footer else len(tail)
-    the_ends = list(_THE_END_RE.finditer(tail, 0, limit))
+    if footer:  # ASCII whitespace only: prepare searches bytes read as Latin-1
+        return len(tail[:footer.start()].rstrip(" \t\r\n\f\v")), True
+    the_ends = list(_THE_END_RE.finditer(tail))
     if the_ends:
-        return the_ends[-1].end() - (1 if tail[the_ends[-1].end() - 1:the_ends[-1].end()] == "\r" else 0), True
-    if footer:  # ASCII whitespace only: callers may search bytes read as Latin-1
-        return len(tail[:limit].rstrip(" \t\r\n\f\v")), True
+        end = the_ends[-1].end()
+        return end - (tail[end - 1:end] == "\r"), True
     return len(tail), False
 
 
