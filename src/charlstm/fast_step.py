@@ -131,6 +131,9 @@ class Stepper:
     def step(self, ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Stop any helper threads now (they also stop when the stepper is collected)."""
+
     def load_state(self, state: State) -> None:
         """Take the model's state ([(h, c)] per layer, each (1, B or 1, H)); 1 is broadcast."""
         for layer, (h, c) in enumerate(state):
@@ -315,7 +318,6 @@ class NativeStepper(Stepper):
         return self._logits_view
 
     def close(self) -> None:
-        """Stop the helper threads now (they also stop when the stepper is collected)."""
         if getattr(self, "_pool", None) is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
@@ -354,32 +356,33 @@ def choose_split(weights: LeanWeights, batch_size: int, library: ctypes.CDLL, th
 def time_splits(weights: LeanWeights, batch_size: int, library: ctypes.CDLL, threads: int, precision: str,
                 candidates: Sequence[str]) -> dict[str, float]:
     """Median seconds per step of each way of sharing a step."""
-    steppers = {name: NativeStepper(weights, batch_size, library, threads, precision, split=name)
-                for name in candidates}
-    timings = _median_step_seconds(steppers, batch_size, _timing_steps(weights, batch_size))
-    for stepper in steppers.values():
-        stepper.close()
-    return timings
+    return _median_step_seconds(
+        {name: (lambda name=name: NativeStepper(weights, batch_size, library, threads, precision, split=name))
+         for name in candidates}, batch_size, _timing_steps(weights, batch_size))
 
 
 def _timing_steps(weights: LeanWeights, batch_size: int) -> int:
-    """Steps per timing: about 2 ms of work at 50 GFLOP/s, 5 to 200."""
+    """Steps per timing: about 10 ms of work at 50 GFLOP/s, 10 to 500."""
     flops = 16 * batch_size * weights.layers * weights.units ** 2
-    return int(min(200, max(5, 2e-3 * 50e9 / flops)))
+    return int(min(500, max(10, 1e-2 * 50e9 / flops)))
 
 
-def _median_step_seconds(steppers: dict[str, Stepper], batch_size: int, steps: int,
+def _median_step_seconds(makers: dict[str, Callable[[], Stepper]], batch_size: int, steps: int,
                          rounds: int = 5) -> dict[str, float]:
-    """Rounds interleaved, so that a busy moment of the machine hits every stepper alike."""
+    """Rounds interleaved, so that a busy moment of the machine hits every way alike; each
+    stepper made afresh and closed after its timing, so that no idle helper thread competes
+    with the next one."""
     ids = np.zeros(batch_size, dtype=np.int64)
-    samples: dict[str, list[float]] = {name: [] for name in steppers}
+    samples: dict[str, list[float]] = {name: [] for name in makers}
     for _ in range(rounds):
-        for name, stepper in steppers.items():
+        for name, make in makers.items():
+            stepper = make()
             stepper.step(ids)
             start = time.perf_counter()
             for _ in range(steps):
                 stepper.step(ids)
             samples[name].append((time.perf_counter() - start) / steps)
+            stepper.close()
     return {name: float(np.median(times)) for name, times in samples.items()}
 
 
@@ -487,10 +490,9 @@ def choose_bf16_backend(weights: LeanWeights, batch_size: int, library: ctypes.C
     plans = _read_plans(path)
     if plans.get(key, {}).get("backend") in ("native", "torch"):
         return plans[key]["backend"]
-    native = NativeStepper(weights, batch_size, library, threads, "bf16")
-    steppers = {"native": native, "torch": TorchStepper(weights, batch_size, torch.device("cpu"), "bf16")}
-    timings = _median_step_seconds(steppers, batch_size, _timing_steps(weights, batch_size))
-    native.close()
+    makers = {"native": lambda: NativeStepper(weights, batch_size, library, threads, "bf16"),
+              "torch": lambda: TorchStepper(weights, batch_size, torch.device("cpu"), "bf16")}
+    timings = _median_step_seconds(makers, batch_size, _timing_steps(weights, batch_size))
     best = min(timings, key=timings.get)
     plans[key] = {"backend": best, "seconds_per_step": timings}
     _write_plans(path, plans)
