@@ -466,7 +466,8 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
         f"checkpoint: {path}",
         "model: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()),
         f"parameters: {trained.model.num_parameters():,}",
-        f"vocabulary: {len(trained.vocab)} characters {''.join(trained.vocab.chars)!r}",
+        f"vocabulary: {len(trained.vocab)} characters {_shown_chars(trained.vocab.chars)}"
+        + (f", unknown symbol {trained.vocab.unknown_char!r}" if trained.vocab.unknown_char else ""),
         "normalization: " + ", ".join(f"{k}={v}" for k, v in trained.normalization.to_dict().items()),
     ]
     data = training.get("data")
@@ -503,6 +504,12 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
         lines.append(f"resumable: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('step')} "
                      f"(charlstm train --resume {path})")
     return lines
+
+
+def _shown_chars(chars: tuple[str, ...], limit: int = 200) -> str:
+    """All of a small alphabet; the start of a large one (a CJK vocabulary has thousands)."""
+    shown = "".join(chars[:limit])
+    return repr(shown) + (f" and {len(chars) - limit:,} more" if len(chars) > limit else "")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

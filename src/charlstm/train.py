@@ -580,10 +580,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{pos.loss_sum / pos.targets:.4f}",
                                 chars_s=f"{pos.targets * self.dist.world_size / max(pos.epoch_seconds, 1e-9):,.0f}",
                                 lr=f"{lr:.2e}")
+                self._every_steps(pos.batch < len(self.batches))
                 if self.config.max_steps and pos.step >= self.config.max_steps:
                     outcome = "step limit"
                     break
-                self._every_steps(pos.batch < len(self.batches))
                 if self.dist.active:
                     continue
                 if self._stop_requested:
@@ -665,15 +665,18 @@ class Trainer:
         under DDP each rank scores its own contiguous piece and the sums are added."""
         start = time.perf_counter()
         piece, offset = self.dist.shard(self.val_ids)
-        window = self.model.config.window
-        before = np.concatenate([self.train_ids[-window:], self.val_ids[max(0, offset - window):offset]])
-        mean = evaluate_ids(self.model, piece, context=before[-window:], amp_dtype=self.amp_dtype)
+        if offset == 0:  # the validation text follows the training text
+            mean = self._evaluate_ids(piece)
+        else:
+            window = self.model.config.window
+            mean = self._evaluate_ids(piece, self.val_ids[max(0, offset - window):offset])
         total, count = self.dist.sum([mean * len(piece), len(piece)], self.device)
         self._eval_seconds = time.perf_counter() - start
         return total / max(count, 1)
 
-    def _evaluate_ids(self, ids: np.ndarray) -> float:
-        context = self.train_ids[-self.model.config.window:]
+    def _evaluate_ids(self, ids: np.ndarray, context: np.ndarray | None = None) -> float:
+        if context is None:
+            context = self.train_ids[-self.model.config.window:]
         return evaluate_ids(self.model, ids, context=context, amp_dtype=self.amp_dtype)
 
     # ---------------------------------------------------------------- output
