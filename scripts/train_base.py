@@ -20,7 +20,8 @@ leaves a usable model. Run it at idle priority beside other work, e.g.::
     OMP_WAIT_POLICY=PASSIVE chrt --idle 0 nice -n 19 python scripts/train_base.py \\
         --out ../quality-runs/base --time-budget 3900 --save-every 480
 
-``--measure`` only prints the training throughput of a few model sizes on this corpus.
+``--measure`` only prints the training throughput of a few model sizes on this corpus;
+``--ship CHECKPOINT`` stores a run's checkpoint as the package's base (weights in bf16).
 """
 
 from __future__ import annotations
@@ -225,6 +226,19 @@ def measure(args, vocab: Vocab, train_ids: np.ndarray) -> None:
               f"{rate * args.time_budget / 1e6:.0f} M chars in {args.time_budget:.0f} s", flush=True)
 
 
+def ship(path: Path) -> None:
+    """The checkpoint, weights in bf16 (half the bytes; loading converts back to fp32), as the
+    package's ``pretrained/english.safetensors``."""
+    from charlstm.finetune import PRETRAINED
+
+    trained = checkpoint.load(path)
+    trained.model.to(torch.bfloat16)
+    target = PRETRAINED["english"]
+    checkpoint.save(target, trained)
+    print(f"wrote {target}: {target.stat().st_size / 1e6:.2f} MB, best val_loss "
+          f"{trained.training['best']['val_loss']:.4f} nats/char")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
@@ -247,7 +261,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--measure", type=float, default=0.0, help="only measure chars/s, this many s per size")
+    parser.add_argument("--ship", type=Path, metavar="CHECKPOINT", help="store this checkpoint as the package's base")
     args = parser.parse_args()
+    if args.ship:
+        ship(args.ship)
+        return
     torch.set_num_threads(args.threads)
     vocab = english_vocab()
     train_books, val_books = split_books(args.corpus, args.held_out_author)
