@@ -163,6 +163,16 @@ def test_the_split_is_chosen_by_timing_once_and_kept_beside_the_kernel(tmp_path)
     assert choose_split(weights, 1, library, 1, "fp32") == "single"  # one thread: nothing to time
 
 
+def test_bf16_batches_take_the_faster_of_the_kernel_and_onednn_as_timed(tmp_path):
+    library = native_library(tmp_path)
+    model = sharp_model(30, layers=1, units=32)
+    stepper = make_stepper(model, 16, "auto", library=library, precision="bf16")
+    (key, plan), = json.loads(plans_file(library).read_text()).items()
+    assert key.startswith("bf16-backend") and set(plan["seconds_per_step"]) == {"native", "torch"}
+    assert stepper.backend == plan["backend"] == min(plan["seconds_per_step"], key=plan["seconds_per_step"].get)
+    assert make_stepper(model, 16, "native", library=library, precision="bf16").backend == "native"
+
+
 @pytest.fixture(scope="module")
 def keras_model(keras_checkpoint, keras_text) -> TrainedModel:
     return import_keras(keras_checkpoint, keras_text, ImportOptions(check_chars=0)).trained
