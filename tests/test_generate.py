@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import sys
 
 import numpy as np
@@ -146,6 +148,24 @@ def test_every_way_of_sharing_a_step_between_threads_gives_the_models_numbers(ac
         np.testing.assert_allclose(results[split], expected, atol=1e-5, rtol=0)
     for split in splits[1:]:  # the same sums in the same order, whoever computes them
         np.testing.assert_array_equal(results[split], results["single"])
+
+
+def test_a_forked_child_steps_with_threads_of_its_own():
+    model = sharp_model(23, layers=2, units=32)
+    stepper = NativeStepper(LeanWeights.from_model(model), 2, native_library(), threads=2, split="panels")
+    ids = np.array([3, 4])
+    expected = NativeStepper(LeanWeights.from_model(model), 2, native_library(), threads=1).step(ids).copy()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the parent's helper thread does not exist here: a step must not wait for it
+        signal.alarm(20)  # a step stuck waiting for it ends the child, and the check below fails
+        os.write(write, stepper.step(ids).tobytes())
+        os._exit(0)
+    os.close(write)
+    got = b"".join(iter(lambda: os.read(read, 1 << 16), b""))
+    os.waitpid(child, 0)
+    np.testing.assert_array_equal(np.frombuffer(got, dtype=np.float32).reshape(expected.shape), expected)
+    np.testing.assert_array_equal(stepper.step(ids), expected)  # the parent's own team is untouched
 
 
 def test_the_split_is_chosen_by_timing_once_and_kept_beside_the_kernel(tmp_path):
