@@ -16,7 +16,8 @@ import torch
 from charlstm import CharLSTM, CharLSTMError, Generator, ModelConfig, SamplingConfig, TrainedModel, Vocab
 from charlstm import checkpoint
 from charlstm.cli import main
-from charlstm.fast_step import BF16_TOLERANCE, LeanWeights, NativeStepper, TorchStepper, choose_split, make_stepper
+from charlstm.fast_step import (BF16_TOLERANCE, SHARING_MARGIN, LeanWeights, NativeStepper, TorchStepper, choose_split,
+                                make_stepper)
 from charlstm.keras_import import ImportOptions, import_keras
 from charlstm.native import (BF16_AVX512, BF16_PORTABLE, NATIVE_CACHE_ENV, NativeSampler, bf16_kernel, native_library,
                              plans_file)
@@ -176,7 +177,9 @@ def test_the_split_is_chosen_by_timing_once_and_kept_beside_the_kernel(tmp_path)
     (key, plan), = plans.items()
     assert "batch=40 threads=2" in key and plan["split"] == split
     assert set(plan["seconds_per_step"]) == {"single", "panels", "rows"}
-    assert split == min(plan["seconds_per_step"], key=plan["seconds_per_step"].get)
+    timings = plan["seconds_per_step"]
+    fastest = min(timings, key=timings.get)
+    assert split == (fastest if timings["single"] >= SHARING_MARGIN * timings[fastest] else "single")
     plan["split"] = "rows" if split != "rows" else "single"  # what is kept is what is used
     plans_file(library).write_text(json.dumps({key: plan}))
     assert choose_split(weights, 40, library, 2, "fp32") == plan["split"]

@@ -49,9 +49,10 @@ BACKENDS = ("auto", "native", "torch", "module")
 LEAN_GATES = ("sigmoid", "hard_sigmoid")  # gate activations the lean backends implement (cell: tanh)
 MAX_TABLE_FLOATS = 1 << 26       # 256 MB: above this layer 0's input is projected per step
 MIN_SHARD_ROWS = 16              # streams per thread below which row shards cost more than they save
-SPLITS = ("single", "panels", "rows")
-BF16_TOLERANCE = 0.05           # documented: largest probability difference of bf16 steps from fp32
-BF16_LIBRARY_MIN_BATCH = 16      # bf16 batches from here on may run faster on PyTorch's (oneDNN, AMX)  # how threads share a native step (see NativeStepper)
+SPLITS = ("single", "panels", "rows")  # how threads share a native step (see NativeStepper)
+SHARING_MARGIN = 1.1             # a shared step must be timed this much faster than one thread's
+BF16_TOLERANCE = 0.05            # documented: largest probability difference of bf16 steps from fp32
+BF16_LIBRARY_MIN_BATCH = 16      # bf16 batches from here on may run faster on PyTorch's (oneDNN, AMX)
 
 
 @dataclass
@@ -362,6 +363,8 @@ def choose_split(weights: LeanWeights, batch_size: int, library: ctypes.CDLL, th
         return plans[key]["split"]
     timings = time_splits(weights, batch_size, library, threads, precision, candidates)
     best = min(timings, key=timings.get)
+    if timings["single"] < SHARING_MARGIN * timings[best]:
+        best = "single"  # sharing a step suffers most when other programs take the cores: only for a clear win
     plans[key] = {"split": best, "seconds_per_step": timings}
     _write_plans(path, plans)
     return best
