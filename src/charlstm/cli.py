@@ -6,6 +6,7 @@ Every mistake a user can make ends in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import sys
@@ -204,11 +205,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_keras_args(p)
     p.set_defaults(func=cmd_import_keras)
 
+    p = sub.add_parser("serve", help="serve checkpoints over HTTP: OpenAI-style API and a page (pip install "
+                                     "'charlstm[serve]')")
+    _add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("plot", help="PNG of training and validation loss per epoch of a run")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the training output folder (holds metrics.jsonl)")
     p.add_argument("-o", "--output", type=Path, help="PNG file (default RUN_DIR/loss.png)")
     p.set_defaults(func=cmd_plot)
     return parser
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from .serve import ServeConfig
+
+    d = ServeConfig()
+    p.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT|DIR",
+                   help="checkpoint files, or folders whose *.safetensors are all served (named by file stem)")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host}: this machine only)")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 = any free port)")
+    p.add_argument("--api-key", default=os.environ.get("CHARLSTM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ routes (default: env CHARLSTM_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="step path (as for generate)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch and the native kernel")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-length", type=_positive_int, default=d.max_length,
+                   help=f"default and ceiling of max_tokens, in characters (default {d.max_length})")
+    g.add_argument("--max-concurrent", type=_positive_int, default=d.max_concurrent,
+                   help=f"streams generated together per model (default {d.max_concurrent})")
+    g.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"streams waiting for a place; beyond that 429 (default {d.max_queue})")
+    g.add_argument("--max-prompt", type=_positive_int, default=d.max_prompt,
+                   help=f"characters per prompt (default {d.max_prompt})")
+    g.add_argument("--max-body", type=_positive_int, default=d.max_body,
+                   help=f"bytes per request body (default {d.max_body})")
+    g.add_argument("--max-choices", type=_positive_int, default=d.max_choices,
+                   help=f"n x prompts per request (default {d.max_choices})")
+    g.add_argument("--max-stop", type=_positive_int, default=d.max_stop,
+                   help=f"stop strings per request (default {d.max_stop})")
+    g.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                   help=f"alternatives per character in logprobs (default {d.max_logprobs})")
+    g.add_argument("--max-score-chars", type=_positive_int, default=d.max_score_chars,
+                   help=f"characters per /v1/score text (default {d.max_score_chars})")
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help=f"seconds per request (default {d.request_timeout:g})")
 
 
 KERAS_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "tanh", "relu", "linear")
@@ -397,6 +440,22 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
         lines.append(f"resumable: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('step')} "
                      f"(charlstm train --resume {path})")
     return lines
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, find_checkpoints, run_server
+
+    config = ServeConfig(host=args.host, port=args.port, max_length=args.max_length, max_prompt=args.max_prompt,
+                         max_body=args.max_body, max_choices=args.max_choices, max_stop=args.max_stop,
+                         max_logprobs=args.max_logprobs, max_score_chars=args.max_score_chars,
+                         max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                         request_timeout=args.request_timeout, api_key=args.api_key,
+                         cors_origins=tuple(args.cors_origin), backend=args.backend)
+    config.validate()
+    files = find_checkpoints(args.checkpoints)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return run_server(files, config)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
