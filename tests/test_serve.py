@@ -23,31 +23,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from charlstm import checkpoint
 from charlstm.batching import Engine, Stream, StreamSpec
-from charlstm.checkpoint import TrainedModel
-from charlstm.corpus import Corpus
 from charlstm.generate import Generator, SamplingConfig
-from charlstm.model import CharLSTM, ModelConfig
 from charlstm.serve import ServeConfig, create_app
 from charlstm.train import evaluate_ids
-from charlstm.vocab import Vocab
+from serve_support import LiveServer, make_model
 
 warnings.filterwarnings("ignore", message=".*httpx.*", category=Warning)
 from starlette.testclient import TestClient  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "alice was beginning to get very tired"
-
-
-def make_model(text: str, units: int = 48, seed: int = 0) -> TrainedModel:
-    torch.manual_seed(seed)
-    vocab = Vocab.from_text(text)
-    model = CharLSTM(ModelConfig(vocab_size=len(vocab), units=units, embedding_dim=16)).eval()
-    history = [{"epoch": 1, "loss": 2.0, "val_loss": 1.5}]
-    return TrainedModel(model, vocab, training={"history": history})
 
 
 @pytest.fixture(scope="session")
@@ -411,35 +399,6 @@ def test_request_time_limit_ends_a_stream_with_abort(trained):
 
 
 # ----------------------------------------------------------------------------- a live server
-
-
-class LiveServer:
-    """``charlstm serve`` in a child process on a free 127.0.0.1 port."""
-
-    def __init__(self, checkpoint_file: Path, *args: str) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "charlstm", "serve", str(checkpoint_file),
-                                      "--port", "0", "--threads", "1", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        line = self.proc.stdout.readline()
-        assert "http://127.0.0.1:" in line, line + self.proc.stderr.read()
-        self.url = line.split()[2].rstrip("/")
-        assert self.proc.stdout.readline().startswith("model ")
-        assert self.proc.stdout.readline().strip() == "ready"
-
-    def stop(self, sig=signal.SIGINT) -> tuple[int, str, str]:
-        self.proc.send_signal(sig)
-        out, err = self.proc.communicate(timeout=20)
-        return self.proc.returncode, out, err
-
-    def active(self) -> int:
-        return httpx.get(self.url + "/health").json()["active"]
-
-    def wait_idle(self, seconds: float = 5.0) -> int:
-        deadline = time.monotonic() + seconds
-        while self.active() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self.active()
 
 
 @pytest.fixture(scope="module")

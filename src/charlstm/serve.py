@@ -60,6 +60,7 @@ MIN_TEMPERATURE = 0.01       # below this (and above 0) 1/T is too close to over
 MAX_TEMPERATURE = 100.0
 MAX_SEED = 2 ** 64
 MAX_TOP_K = 65535
+PAGE_LIMITS = ("max_length", "max_prompt", "max_choices", "max_logprobs", "max_score_chars")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
 
@@ -752,7 +753,8 @@ async def _health(request: Request, state: ServerState) -> Response:
     active, waiting = state.counts()
     status = "ok" if state.ready.is_set() else "error" if state.error else "loading"
     body = {"status": status, "models": sorted(state.models), "active": active, "waiting": waiting,
-            "max_concurrent": state.config.max_concurrent, "max_queue": state.config.max_queue}
+            "max_concurrent": state.config.max_concurrent, "max_queue": state.config.max_queue,
+            "limits": {name: getattr(state.config, name) for name in PAGE_LIMITS}}
     if state.error:
         body["error"] = state.error
     return json_response(body, 200 if status == "ok" else 503)
