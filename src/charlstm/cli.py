@@ -269,6 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SERVE_LIMITS = (  # ServeConfig field, type, what it bounds
+    ("max_length", _positive_int, "default and ceiling of max_tokens, in characters"),
+    ("max_concurrent", _positive_int, "streams generated together per model"),
+    ("max_queue", int, "streams waiting for a place; beyond that 429"),
+    ("max_prompt", _positive_int, "characters per prompt"),
+    ("max_body", _positive_int, "bytes per request body"),
+    ("max_choices", _positive_int, "n x prompts per request"),
+    ("max_stop", _positive_int, "stop strings per request"),
+    ("max_logprobs", int, "alternatives per character in logprobs"),
+    ("max_score_chars", _positive_int, "characters per /v1/score text"),
+    ("request_timeout", float, "seconds per request"),
+)
+
+
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
     from .serve import ServeConfig
 
@@ -284,27 +298,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="step path (as for generate)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch and the native kernel")
     g = p.add_argument_group("limits")
-    g.add_argument("--max-length", type=_positive_int, default=d.max_length,
-                   help=f"default and ceiling of max_tokens, in characters (default {d.max_length})")
-    g.add_argument("--max-concurrent", type=_positive_int, default=d.max_concurrent,
-                   help=f"streams generated together per model (default {d.max_concurrent})")
-    g.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help=f"streams waiting for a place; beyond that 429 (default {d.max_queue})")
-    g.add_argument("--max-prompt", type=_positive_int, default=d.max_prompt,
-                   help=f"characters per prompt (default {d.max_prompt})")
-    g.add_argument("--max-body", type=_positive_int, default=d.max_body,
-                   help=f"bytes per request body (default {d.max_body})")
-    g.add_argument("--max-choices", type=_positive_int, default=d.max_choices,
-                   help=f"n x prompts per request (default {d.max_choices})")
-    g.add_argument("--max-stop", type=_positive_int, default=d.max_stop,
-                   help=f"stop strings per request (default {d.max_stop})")
-    g.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
-                   help=f"alternatives per character in logprobs (default {d.max_logprobs})")
-    g.add_argument("--max-score-chars", type=_positive_int, default=d.max_score_chars,
-                   help=f"characters per /v1/score text (default {d.max_score_chars})")
-    g.add_argument("--request-timeout", type=float, default=d.request_timeout,
-                   help=f"seconds per request (default {d.request_timeout:g})")
-
+    for name, kind, text in SERVE_LIMITS:
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                       help=f"{text} (default {getattr(d, name)})")
 
 KERAS_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "tanh", "relu", "linear")
 
@@ -532,12 +528,8 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeConfig, find_checkpoints, run_server
 
-    config = ServeConfig(host=args.host, port=args.port, max_length=args.max_length, max_prompt=args.max_prompt,
-                         max_body=args.max_body, max_choices=args.max_choices, max_stop=args.max_stop,
-                         max_logprobs=args.max_logprobs, max_score_chars=args.max_score_chars,
-                         max_concurrent=args.max_concurrent, max_queue=args.max_queue,
-                         request_timeout=args.request_timeout, api_key=args.api_key,
-                         cors_origins=tuple(args.cors_origin), backend=args.backend)
+    config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, cors_origins=tuple(args.cors_origin),
+                         backend=args.backend, **{name: getattr(args, name) for name, _, _ in SERVE_LIMITS})
     config.validate()
     files = find_checkpoints(args.checkpoints)
     if args.threads:
