@@ -26,6 +26,7 @@ from .finetune import resolve_init
 from .generate import MODES, Generator, SamplingConfig
 from .keras_import import CHECK_CHARS, ImportOptions, TextReading, import_keras, keras_stem
 from .metrics import plot_run
+from .native import PRECISIONS
 from .prepare import PrepareConfig, prepare
 from .train import LN2, PRESETS, evaluate_ids, fit
 
@@ -202,6 +203,9 @@ def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True)
     if with_checkpoint:
         g.add_argument("--seed", type=int, dest="gen_seed", metavar="N", help="same as --sample-seed")
         g.add_argument("--device", default="cpu")
+        g.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="stateful step arithmetic: fp32 (exact, default) or bf16 (bf16 weights and "
+                            "products, fp32 sums and state; faster; see the README for how close)")
         g.add_argument("--threads", type=_positive_int,
                        help="CPU threads for PyTorch and for native batches of 32+ streams (default: PyTorch's)")
 
@@ -397,7 +401,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     trained = checkpoint.load(args.checkpoint, device=args.device)
-    _print_generation(Generator(trained, device=args.device, backend=args.backend), args)
+    _print_generation(Generator(trained, device=args.device, backend=args.backend, precision=args.precision), args)
     return 0
 
 
