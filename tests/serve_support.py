@@ -19,11 +19,24 @@ from charlstm.vocab import Vocab
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_model(text: str, units: int = 48, seed: int = 0) -> TrainedModel:
-    """A seeded random initialisation over the vocabulary of ``text``."""
+def make_model(text: str, units: int = 48, seed: int = 0, train_steps: int = 0) -> TrainedModel:
+    """A seeded random initialisation over the vocabulary of ``text``, optionally trained for
+    a few steps (a second or two) so that its predictions are peaked, as a real model's are."""
     torch.manual_seed(seed)
     vocab = Vocab.from_text(text)
-    model = CharLSTM(ModelConfig(vocab_size=len(vocab), units=units, embedding_dim=16)).eval()
+    model = CharLSTM(ModelConfig(vocab_size=len(vocab), units=units, embedding_dim=16, dropout=0.0))
+    if train_steps:
+        ids = torch.from_numpy(vocab.encode(text).astype("int64"))
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(train_steps):
+            starts = torch.randint(0, len(ids) - 65, (32,))
+            batch = torch.stack([ids[s:s + 65] for s in starts.tolist()])
+            logits, _ = model(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
     history = [{"epoch": 1, "loss": 2.0, "val_loss": 1.5}]
     return TrainedModel(model, vocab, training={"history": history})
 

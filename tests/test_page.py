@@ -27,7 +27,7 @@ def page_checkpoint(tmp_path_factory, small_text) -> Path:
     if given:
         return Path(given)
     path = tmp_path_factory.mktemp("page") / "alice.safetensors"
-    checkpoint.save(path, make_model(small_text.read_text(encoding="utf-8"), units=128))
+    checkpoint.save(path, make_model(small_text.read_text(encoding="utf-8"), units=64, train_steps=150))
     return path
 
 
@@ -67,8 +67,13 @@ def test_page_generates_tints_stops_and_scores(page_checkpoint, tmp_path, small_
             page.wait_for_function("[...document.querySelectorAll('.sample .info')]"
                                    ".every(e => e.textContent.includes('length'))", timeout=30000)
             assert page.locator(SPANS).count() == 2 * 420
-            tints = page.eval_on_selector_all(SPANS, "els => els.map(e => e.style.backgroundColor)")
-            assert all(t.startswith("rgba") for t in tints) and len(set(tints)) > 20
+            tints = page.eval_on_selector_all(SPANS, "els => els.map(e => [parseFloat(e.dataset.p), "
+                                                     "e.style.backgroundColor])")
+            assert all(color.startswith("rgba") for _, color in tints) and len({c for _, c in tints}) > 20
+            by_p = sorted((p, float(color.rsplit(",", 1)[1].rstrip(")"))) for p, color in tints)
+            # the less likely, the stronger the tint (to the 0.01 that the colours are rounded to)
+            assert all(a >= b - 0.011 for (_, a), (_, b) in zip(by_p, by_p[1:]))
+            assert by_p[0][1] - by_p[-1][1] > 0.3
             target = page.locator(SPANS).nth(100)
             target.hover()
             tip = page.locator("#tip")

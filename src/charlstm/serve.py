@@ -235,16 +235,22 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
     return Response(json_bytes(obj), status, headers, media_type="application/json")
 
 
-async def read_json_object(request: Request, limit: int) -> dict:
-    """The request body as a JSON object: at most ``limit`` bytes, UTF-8, well-formed."""
+async def read_json_object(request: Request, limit: int, timeout: float) -> dict:
+    """The request body as a JSON object: at most ``limit`` bytes within ``timeout`` seconds,
+    UTF-8, well-formed."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise _too_large(limit)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit)
+    try:
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise _too_large(limit)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--request-timeout)",
+                       code="request_timeout") from None
     try:
         text = bytes(body).decode("utf-8")
     except UnicodeDecodeError as err:
@@ -769,7 +775,7 @@ async def _model(request: Request, state: ServerState) -> Response:
 
 
 async def _completions(request: Request, state: ServerState):
-    body = await read_json_object(request, state.config.max_body)
+    body = await read_json_object(request, state.config.max_body, state.config.request_timeout)
     parsed = parse_completion(state, body)
     job = _Job(parsed, state.config.request_timeout)
     _submit(parsed, job)
@@ -782,7 +788,7 @@ async def _completions(request: Request, state: ServerState):
 async def _score(request: Request, state: ServerState) -> Response:
     from .scoring import score_text
 
-    body = await read_json_object(request, state.config.max_body)
+    body = await read_json_object(request, state.config.max_body, state.config.request_timeout)
     _unknown_fields(body, SCORE_FIELDS)
     served = pick_model(state, body)
     text = body.get("text")

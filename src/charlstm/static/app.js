@@ -84,7 +84,7 @@ function charSpan(ch, p, alternatives, title) {
   const span = document.createElement("span");
   span.className = "c";
   span.textContent = ch;
-  if (p !== null) span.style.background = probTint(p);
+  if (p !== null) { span.style.background = probTint(p); span.dataset.p = p.toFixed(4); }
   if (alternatives) details.set(span, { title, alternatives, picked: ch });
   return span;
 }
@@ -274,7 +274,7 @@ async function pollHealth() {
     $("active-count").textContent = health.active ?? "–";
     $("waiting-count").textContent = health.waiting ?? "–";
     $("status").className = "pill" + (health.status !== "ok" ? " down" : health.active ? " busy" : "");
-    if (health.limits) {
+    if (health.limits && !state.limits.max_length) {   // once: the user's choice is kept after that
       state.limits = health.limits;
       $("length").max = Math.min(health.limits.max_length, 5000);
     }
