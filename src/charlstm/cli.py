@@ -26,8 +26,9 @@ from .finetune import resolve_init
 from .generate import MODES, Generator, SamplingConfig
 from .keras_import import CHECK_CHARS, ImportOptions, TextReading, import_keras, keras_stem
 from .metrics import plot_run
+from .distributed import Distributed
 from .native import PRECISIONS
-from .prepare import PrepareConfig, prepare
+from .prepare import PrepareConfig, PreparedData, prepare
 from .train import LN2, PRESETS, evaluate_ids, fit
 
 EXIT_USAGE = 2
@@ -157,6 +158,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="temperatures for those samples (default 0.2,0.5,1.0)")
     g.add_argument("--sample-length", type=_positive_int, help="characters per sample (default 200)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("prepared data and long runs (torchrun starts several processes: DDP)")
+    g.add_argument("--data", type=Path, metavar="DATA_DIR",
+                   help="train on a folder written by charlstm prepare (memory-mapped; instead of --text)")
+    g.add_argument("--val-chars", type=int, metavar="N",
+                   help="score a fixed N-character part of the validation text, spread over it (0 = all)")
+    g.add_argument("--eval-every", type=int, metavar="STEPS", help="also validate (and keep the best) every N steps")
+    g.add_argument("--save-every", type=int, metavar="STEPS", help="also write last.safetensors every N steps")
+    g.add_argument("--max-steps", type=int, metavar="N",
+                   help="stop after N optimiser steps in all, resumably (as the first Ctrl-C does)")
 
 
 def _temperatures(text: str) -> list[float]:
@@ -352,20 +362,29 @@ TRAIN_OPTIONS = ("input", "embedding_dim", "layers", "units", "dropout", "input_
                  "bptt", "stateful", "target", "val_fraction", "monitor", "patience", "time_budget", "output_dir",
                  "checkpoint_template", "seed", "device", "precision", "weight_drop", "variational",
                  "final_lr_fraction", "random_offset", "threads", "sample_every", "sample_temperatures",
-                 "sample_length")
+                 "sample_length", "val_chars", "eval_every", "save_every", "max_steps")
 
 
 def _train(args: argparse.Namespace):
     if args.init is not None:
         resolve_init(args.init)  # a missing model is reported before the text is read
-    if args.resume is not None:  # read the text the way the checkpoint's text was read
+    data = getattr(args, "data", None)
+    if data is not None:
+        if args.text or args.gutenberg is not None:
+            raise CharLSTMError("give either --data DIR or a text (--text/--gutenberg), not both")
+        data = PreparedData.open(data)  # a bad folder is reported before any process group forms
+    elif args.resume is not None:  # read the text the way the checkpoint's text was read
         norm = checkpoint.load(args.resume).normalization
         args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
-    corpus = corpus_from_args(args)
-    overrides = {name: getattr(args, name) for name in TRAIN_OPTIONS}
-    result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, init=args.init,
-                 **overrides)
-    if result.best_path:
+    corpus = corpus_from_args(args) if data is None else None
+    overrides = {name: getattr(args, name, None) for name in TRAIN_OPTIONS}
+    dist = Distributed.from_env(args.device or "auto")
+    try:
+        result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, init=args.init,
+                     data=data, dist=dist, **overrides)
+    finally:
+        dist.close()
+    if result.best_path and dist.is_main:
         print(f"best checkpoint: {result.best_path}")
     return result
 
@@ -490,7 +509,8 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
         f"checkpoint: {path}",
         "model: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()),
         f"parameters: {trained.model.num_parameters():,}",
-        f"vocabulary: {len(trained.vocab)} characters {''.join(trained.vocab.chars)!r}",
+        f"vocabulary: {len(trained.vocab)} characters {_shown_chars(trained.vocab.chars)}"
+        + (f", unknown symbol {trained.vocab.unknown_char!r}" if trained.vocab.unknown_char else ""),
         "normalization: " + ", ".join(f"{k}={v}" for k, v in trained.normalization.to_dict().items()),
     ]
     data = training.get("data")
@@ -539,6 +559,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     return run_server(files, config)
+
+
+def _shown_chars(chars: tuple[str, ...], limit: int = 200) -> str:
+    """All of a small alphabet; the start of a large one (a CJK vocabulary has thousands)."""
+    shown = "".join(chars[:limit])
+    return repr(shown) + (f" and {len(chars) - limit:,} more" if len(chars) > limit else "")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -508,6 +508,11 @@ class PreparedData:
     def sources(self) -> list[str]:
         return [s.get("name", "?") for s in self.manifest.get("sources", [])]
 
+    @property
+    def fingerprint(self) -> str:
+        """Names the data without reading it: the manifest (sources' SHA-256, cleaning, split)."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def _read_json(path: Path, hint: str) -> dict:
     if not path.is_file():
