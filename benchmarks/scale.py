@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,21 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_probe import cpu_name  # benchmarks/ is on the path when this script runs
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARLSTM_SHARED", REPO.parent / "shared"))
 GUTENBERG = SHARED / "corpora" / "gutenberg"
 ALICE = SHARED / "corpora" / "pg11.txt"
 COPIES_FOR_1GB = 8
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def env(threads: int) -> dict:
@@ -228,7 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     if not GUTENBERG.is_dir():
         raise SystemExit(f"{GUTENBERG}: missing (set CHARLSTM_SHARED)")
-    print(f"# scale benchmark, {cpu_model()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"# scale benchmark, {cpu_name()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="charlstm-scale-") as tmp:
         tmp = Path(tmp)

@@ -160,3 +160,18 @@ def test_chinese_text_end_to_end(tmp_path, capsys):
     assert main(["info", str(run / "best.safetensors")]) == 0
     info = capsys.readouterr().out
     assert "unknown symbol '\ufffd'" in info and "more" in info  # a large alphabet is shown shortened
+
+
+def test_worker_processes_write_the_same_files(library, tmp_path, monkeypatch):
+    import charlstm.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "WORKER_MIN_BYTES", 0)  # the library is small: force the pool
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        prepare(PrepareConfig(inputs=(str(library),), output_dir=out, workers=workers, min_count=3), progress=False)
+        outputs.append(PreparedData.open(out))
+    one, two = outputs
+    assert np.array_equal(one.train_ids, two.train_ids) and np.array_equal(one.val_ids, two.val_ids)
+    assert one.vocab == two.vocab and one.vocab.unknown_char == UNKNOWN_CHAR
+    assert one.manifest["sources"] == two.manifest["sources"]

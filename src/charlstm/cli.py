@@ -105,6 +105,8 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="characters seen fewer times become one unknown symbol (U+FFFD)")
     g.add_argument("--max-vocab", type=_positive_int, metavar="N",
                    help="keep at most N symbols, the most frequent; the rest become the unknown symbol")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="processes for corpora of many files (default: up to 2, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -409,7 +411,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     config = PrepareConfig(inputs=tuple(args.inputs), output_dir=args.output_dir, gutenberg=tuple(args.gutenberg),
                            glob=args.glob, normalization=norm, encoding=args.encoding,
                            val_fraction=args.val_fraction, min_count=args.min_count, max_vocab=args.max_vocab,
-                           mirror=args.mirror, cache_dir=args.cache_dir, offline=args.offline)
+                           mirror=args.mirror, cache_dir=args.cache_dir, offline=args.offline,
+                           workers=args.workers or 0)
     result = prepare(config, progress=not args.no_progress)
     for line in result.summary_lines():
         print(line)
