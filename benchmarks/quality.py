@@ -78,10 +78,12 @@ def train_run(name: str, budget_min: float, text: Path, out: Path, extra: list[s
             "chars_per_s": sum(h["chars_per_s"] for h in history) / len(history)}
 
 
-def training_rows(kind: str, budgets: list[float], out: Path, threads: int) -> tuple[list[Row], Path | None]:
+def training_rows(kind: str, budgets: list[float], out: Path, threads: int,
+                  options: list[str]) -> tuple[list[Row], Path | None]:
     rows, best_path, best_loss = [], None, math.inf
-    extra = ["--init", "english"] if kind == "finetune" else []
+    extra = (["--init", "english"] if kind == "finetune" else []) + options
     label = "Alice, fine-tuned from the English base" if kind == "finetune" else "Alice, from scratch (default)"
+    label += f" ({' '.join(options)})" if options else ""
     for budget in budgets:
         run = train_run(kind, budget, ALICE, out, extra, threads)
         rows.append(Row(label, f"{budget:g} min", run["val_loss"], run["elapsed"],
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="finetune,dynamic,heldout")
     parser.add_argument("--budgets", default="1,3,10", help="minutes, comma-separated")
+    parser.add_argument("--scratch-budgets", help="minutes for the scratch rows (default: --budgets)")
+    parser.add_argument("--train-options", default="", help="extra charlstm train options, e.g. '--lr 8e-3'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("quality-runs"))
     parser.add_argument("--heldout-chars", type=int, default=100_000)
@@ -149,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     best_alice = args.checkpoint
     if "finetune" in rows_wanted:
-        tuned, best_tuned = training_rows("finetune", budgets, args.out, args.threads)
+        tuned, best_tuned = training_rows("finetune", budgets, args.out, args.threads, args.train_options.split())
         rows += tuned
         best_alice = best_alice or best_tuned
     if "scratch" in rows_wanted:
-        rows += training_rows("scratch", budgets, args.out, args.threads)[0]
+        scratch_budgets = [float(b) for b in (args.scratch_budgets or args.budgets).split(",")]
+        rows += training_rows("scratch", scratch_budgets, args.out, args.threads, args.train_options.split())[0]
     if "dynamic" in rows_wanted:
         if best_alice is None:
             parser.error("the dynamic row needs --checkpoint or the finetune row")
