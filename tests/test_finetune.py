@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,19 @@ def test_init_refuses_window_models(tmp_path, small_text):
     path = checkpoint.save(tmp_path / "w.safetensors", TrainedModel(model=window, vocab=vocab))
     with pytest.raises(CharLSTMError, match="embedding input that predicts every position"):
         finetune.load_init(path, vocab)
+
+
+def test_the_shipped_english_base_knows_english_and_fine_tunes(tmp_path, pg11):
+    path = finetune.resolve_init("english")
+    assert path.stat().st_size < 5_000_000  # small enough for a pip install
+    base = checkpoint.load(path)
+    chars = set(base.vocab.chars)
+    assert set(string.ascii_letters + string.digits + " \n.,;:!?'\"()-") <= chars
+    assert set("‘’“”–—") <= chars and not base.normalization.lowercase
+    alice = Corpus.from_files(pg11, Normalization(lowercase=False)).text
+    ids = base.vocab.encode(alice[20_000:23_000])
+    assert evaluate_ids(base.model, ids) < 2.0  # an untrained model scores log(121) = 4.8 nats/char
+    result = fit(Corpus.from_string(Corpus.from_files(pg11).text[:6000]), init="english", epochs=1, batch_size=8,
+                 bptt=50, output_dir=str(tmp_path), **QUIET)
+    assert result.trained.training["init"]["init"] == "english"
+    assert result.trained.training["best"]["val_loss"] < 2.0
