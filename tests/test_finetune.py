@@ -14,7 +14,7 @@ from charlstm.cli import main
 from charlstm.corpus import Corpus, Normalization
 from charlstm.errors import CharLSTMError
 from charlstm.model import CharLSTM, ModelConfig
-from charlstm.train import FINE_TUNING, evaluate_ids, fit
+from charlstm.train import FINE_TUNING, FINE_TUNING_MODEL, evaluate_ids, fit
 from charlstm.vocab import Vocab
 
 QUIET = dict(progress=False, log=lambda _: None)
@@ -84,7 +84,7 @@ def test_fine_tuning_schedule_and_regularisation_defaults(tmp_path, base_path, p
     assert config["warmup_steps"] == FINE_TUNING["warmup_steps"]
     model = result.trained.config
     assert (model.units, model.layers) == (48, 1)  # the base's network
-    assert model.weight_drop == 0.4 and model.variational  # the default preset's regularisation
+    assert model.weight_drop == FINE_TUNING_MODEL["weight_drop"] and model.variational
 
 
 def test_init_errors_are_one_line(tmp_path, base_path, small_text, capsys, monkeypatch):
