@@ -6,6 +6,7 @@ Every mistake a user can make ends in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import sys
@@ -218,7 +219,8 @@ def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True)
                        help="stateful step arithmetic: fp32 (exact, default) or bf16 (bf16 weights and "
                             "products, fp32 sums and state; faster; see the README for how close)")
         g.add_argument("--threads", type=_positive_int,
-                       help="CPU threads for PyTorch and for native batches of 32+ streams (default: PyTorch's)")
+                       help="CPU threads for PyTorch and for the native step, which they share by rows or by "
+                            "panels as timed fastest (default: PyTorch's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,12 +274,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_keras_args(p)
     p.set_defaults(func=cmd_import_keras)
 
+    p = sub.add_parser("serve", help="serve checkpoints over HTTP: OpenAI-style API and a page (pip install "
+                                     "'charlstm[serve]')")
+    _add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("plot", help="PNG of training and validation loss per epoch of a run")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the training output folder (holds metrics.jsonl)")
     p.add_argument("-o", "--output", type=Path, help="PNG file (default RUN_DIR/loss.png)")
     p.set_defaults(func=cmd_plot)
     return parser
 
+
+SERVE_LIMITS = (  # ServeConfig field, type, what it bounds
+    ("max_length", _positive_int, "default and ceiling of max_tokens, in characters"),
+    ("max_concurrent", _positive_int, "streams generated together per model"),
+    ("max_queue", int, "streams waiting for a place; beyond that 429"),
+    ("max_prompt", _positive_int, "characters per prompt"),
+    ("max_body", _positive_int, "bytes per request body"),
+    ("max_choices", _positive_int, "n x prompts per request"),
+    ("max_stop", _positive_int, "stop strings per request"),
+    ("max_logprobs", int, "alternatives per character in logprobs"),
+    ("max_score_chars", _positive_int, "characters per /v1/score text"),
+    ("request_timeout", float, "seconds per request"),
+)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from .serve import ServeConfig
+
+    d = ServeConfig()
+    p.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT|DIR",
+                   help="checkpoint files, or folders whose *.safetensors are all served (named by file stem)")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host}: this machine only)")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 = any free port)")
+    p.add_argument("--api-key", default=os.environ.get("CHARLSTM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ routes (default: env CHARLSTM_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="step path (as for generate)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch and the native kernel")
+    g = p.add_argument_group("limits")
+    for name, kind, text in SERVE_LIMITS:
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                       help=f"{text} (default {getattr(d, name)})")
 
 KERAS_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "tanh", "relu", "linear")
 
@@ -511,6 +551,18 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
         lines.append(f"resumable: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('step')} "
                      f"(charlstm train --resume {path})")
     return lines
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, find_checkpoints, run_server
+
+    config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, cors_origins=tuple(args.cors_origin),
+                         backend=args.backend, **{name: getattr(args, name) for name, _, _ in SERVE_LIMITS})
+    config.validate()
+    files = find_checkpoints(args.checkpoints)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return run_server(files, config)
 
 
 def _shown_chars(chars: tuple[str, ...], limit: int = 200) -> str:
