@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
@@ -29,6 +30,7 @@ FORMAT_VERSION = 1
 MODEL_PREFIX = "model."
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 SUFFIX = ".safetensors"
+SEED_WINDOWS = 200
 
 
 @dataclass
@@ -56,6 +58,14 @@ class TrainedModel:
             "training": self.training,
             "seed_windows": self.seed_windows,
         }
+
+
+def random_windows(ids: np.ndarray, window: int, count: int, seed: int) -> np.ndarray:
+    """``count`` random windows of the text (the seeds a checkpoint carries for generation)."""
+    if len(ids) <= window:
+        return np.asarray(ids)[None, :]
+    starts = np.random.default_rng(seed).integers(0, len(ids) - window, size=count)
+    return np.stack([np.asarray(ids[s:s + window]) for s in starts])
 
 
 def checkpoint_name(template: str, epoch: int, loss: float, **fields) -> str:

@@ -129,14 +129,6 @@ class StreamBatches:
                    torch.from_numpy(ys[:, sl].astype(np.int64)))
 
 
-def random_windows(ids: np.ndarray, window: int, count: int, seed: int) -> np.ndarray:
-    """``count`` random windows of the text (the seeds a checkpoint carries for generation)."""
-    if len(ids) <= window:
-        return np.asarray(ids)[None, :]
-    starts = np.random.default_rng(seed).integers(0, len(ids) - window, size=count)
-    return np.stack([np.asarray(ids[s:s + window]) for s in starts])
-
-
 IGNORE_INDEX = -100  # targets at padded positions; the loss skips them
 
 

@@ -35,12 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import TrainedModel
+from .checkpoint import SEED_WINDOWS, TrainedModel, random_windows
 from .corpus import Normalization, read_text_bytes, strip_gutenberg_boilerplate
-from .data import random_windows
 from .errors import CharLSTMError
 from .model import CharLSTM, ModelConfig
-from .train import SEED_WINDOWS, evaluate_ids
+from .evaluate import evaluate_ids
 from .vocab import Vocab
 
 DEFAULT_WINDOW = 100                      # the tutorial's seq_length

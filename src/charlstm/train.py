@@ -33,10 +33,9 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .baselines import Baseline, compressor_baselines, format_baselines, versus_best
-from .checkpoint import TrainedModel
+from .checkpoint import SEED_WINDOWS, TrainedModel, random_windows
 from .corpus import Corpus
-from .data import (IGNORE_INDEX, SentenceBatches, StatefulWindowBatches, StreamBatches, WindowBatches,
-                   random_windows, split_train_val)
+from .data import IGNORE_INDEX, SentenceBatches, StatefulWindowBatches, StreamBatches, WindowBatches, split_train_val
 from .errors import CharLSTMError
 from .evaluate import LN2, evaluate_ids
 from .metrics import MetricsLog
@@ -45,7 +44,6 @@ from .recipes import PRESETS, TrainConfig, _fine_tuning_preset, _finish_train_co
 from .train_state import pack_carry, pack_optimizer, pack_rng, restore_rng, unpack_carry, unpack_optimizer
 from .vocab import Vocab
 
-SEED_WINDOWS = 200
 BEST_NAME = "best.safetensors"
 RESUME_NAME = "last.safetensors"
 BASELINE_CONTEXT = 8_000_000  # training characters the compressors see before the validation text
