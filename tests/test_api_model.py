@@ -9,7 +9,7 @@ import torch
 import charlstm
 from charlstm.corpus import Corpus
 from charlstm.model import CharLSTM, LoopLSTM, ModelConfig
-from charlstm.train import evaluate_ids
+from charlstm.evaluate import evaluate_ids
 
 
 @pytest.fixture(scope="module")

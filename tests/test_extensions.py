@@ -14,7 +14,8 @@ from charlstm.cli import main
 from charlstm.corpus import Corpus
 from charlstm.data import IGNORE_INDEX
 from charlstm.model import CharLSTM, ModelConfig
-from charlstm.train import Trainer, TrainConfig
+from charlstm.recipes import TrainConfig
+from charlstm.train import Trainer
 
 TINY = ["--units", "24", "--window", "20", "--no-progress", "--seed", "1", "--precision", "fp32"]
 

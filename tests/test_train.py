@@ -18,7 +18,9 @@ from charlstm.data import StreamBatches, load_ids, save_ids, split_train_val
 from charlstm.errors import CharLSTMError
 from charlstm.metrics import plot_run, read_metrics
 from charlstm.model import CharLSTM, ModelConfig
-from charlstm.train import LN2, EpochRecord, Trainer, evaluate_ids, preset_configs
+from charlstm.evaluate import LN2, evaluate_ids
+from charlstm.recipes import preset_configs
+from charlstm.train import EpochRecord, Trainer
 from charlstm.train_state import pack_optimizer, pack_rng, restore_rng, unpack_optimizer
 from charlstm.vocab import Vocab
 

@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 MODEL_PREFIX = "model."
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 SUFFIX = ".safetensors"
-SEED_WINDOWS = 200
+SEED_WINDOWS = 200                # random training windows stored as generation seeds
 
 
 @dataclass
@@ -60,12 +60,13 @@ class TrainedModel:
         }
 
 
-def random_windows(ids: np.ndarray, window: int, count: int, seed: int) -> np.ndarray:
-    """``count`` random windows of the text (the seeds a checkpoint carries for generation)."""
+def seed_windows(vocab: Vocab, ids: np.ndarray, window: int, seed: int, count: int = SEED_WINDOWS) -> list[str]:
+    """``count`` random windows of the training text, decoded: the seeds a checkpoint carries so that
+    generating can start as the tutorial does (from a random window) without the corpus."""
     if len(ids) <= window:
-        return np.asarray(ids)[None, :]
+        return [vocab.decode(ids)]
     starts = np.random.default_rng(seed).integers(0, len(ids) - window, size=count)
-    return np.stack([np.asarray(ids[s:s + window]) for s in starts])
+    return [vocab.decode(ids[s:s + window]) for s in starts]
 
 
 def checkpoint_name(template: str, epoch: int, loss: float, **fields) -> str:

@@ -14,15 +14,16 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .baselines import compressor_baselines, format_baselines, versus_best
 from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization
 from .data import split_train_val
 from .errors import CharLSTMError
 from .fast_step import BACKENDS
 from .generate import MODES, Generator, SamplingConfig
 from .keras_import import CHECK_CHARS, ImportOptions, TextReading, import_keras, keras_stem
+from .evaluate import LN2, score_text
 from .metrics import plot_run
-from .train import LN2, PRESETS, evaluate_ids, fit
+from .recipes import PRESETS
+from .train import fit
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -340,13 +341,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     corpus = corpus_from_args(args)
     ids = trained.vocab.encode(corpus.text, unknown=args.unknown)
     context, scored = split_train_val(ids, args.val_fraction) if args.val_fraction else (ids[:0], ids)
-    nats = evaluate_ids(trained.model, scored, context=context[-trained.config.window:])
-    bits = nats / LN2
-    baselines = compressor_baselines(trained.vocab.decode(context), trained.vocab.decode(scored))
+    score = score_text(trained.model, trained.vocab, context, scored)
     where = f"the last {args.val_fraction:.0%} of the text" if args.val_fraction else "the whole text"
-    print(f"scored: {len(scored):,} characters ({where})")
-    print(f"model: {nats:.4f} nats/char = {bits:.4f} bits/char ({versus_best(bits, baselines)})")
-    print(f"compressors: {format_baselines(baselines)} bits/char")
+    print(f"scored: {score.characters:,} characters ({where})")
+    for line in score.lines():
+        print(line)
     return 0
 
 

@@ -1,17 +1,60 @@
-"""Scoring a text with a model: nats/char and bits/char of every character after a context."""
+"""Scoring a text with a model: nats/char and bits/char of every character after a context,
+beside what general-purpose compressors need for the same text (``baselines``)."""
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .baselines import Baseline, compressor_baselines, format_baselines, versus_best
 from .model import CharLSTM
+from .vocab import Vocab
 
 LN2 = math.log(2.0)
+BASELINE_CONTEXT = 8_000_000  # context characters the compressors see before the scored text
+BASELINE_SCORED = 2_000_000   # scored characters they compress (all of it for books)
+
+
+@dataclass
+class TextScore:
+    """A model's score on a text, beside the compressors' on the same text."""
+
+    nats: float
+    characters: int
+    baselines: list[Baseline] = field(default_factory=list)
+
+    @property
+    def bits(self) -> float:
+        return self.nats / LN2
+
+    def lines(self) -> list[str]:
+        versus = versus_best(self.bits, self.baselines)
+        return [f"model: {self.nats:.4f} nats/char = {self.bits:.4f} bits/char" + (f" ({versus})" if versus else ""),
+                f"compressors: {format_baselines(self.baselines)} bits/char"]
+
+
+def score_text(model: CharLSTM, vocab: Vocab, context: np.ndarray, scored: np.ndarray,
+               amp_dtype: torch.dtype | None = None) -> TextScore:
+    """Score ``scored`` read after ``context`` (only its last window counts), and the compressors."""
+    nats = score_after(model, context, scored, amp_dtype)
+    return TextScore(nats, len(scored), compressor_baselines_for(vocab, context, scored))
+
+
+def score_after(model: CharLSTM, context: np.ndarray, scored: np.ndarray,
+                amp_dtype: torch.dtype | None = None) -> float:
+    """Nats/char of ``scored`` after the last ``window`` characters of ``context`` (all a window model sees)."""
+    return evaluate_ids(model, scored, context=context[-model.config.window:], amp_dtype=amp_dtype)
+
+
+def compressor_baselines_for(vocab: Vocab, context: np.ndarray, scored: np.ndarray) -> list[Baseline]:
+    """Compressor bits/char of ``scored`` after ``context``; both bounded, as compressors only look
+    back so far and big corpora would take minutes."""
+    return compressor_baselines(vocab.decode(context[-BASELINE_CONTEXT:]), vocab.decode(scored[:BASELINE_SCORED]))
 
 
 @torch.no_grad()

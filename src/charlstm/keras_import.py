@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import SEED_WINDOWS, TrainedModel, random_windows
+from .checkpoint import TrainedModel, seed_windows
 from .corpus import Normalization, read_text_bytes, strip_gutenberg_boilerplate
 from .errors import CharLSTMError
 from .model import CharLSTM, ModelConfig
-from .evaluate import evaluate_ids
+from .evaluate import score_after
 from .vocab import Vocab
 
 DEFAULT_WINDOW = 100                      # the tutorial's seq_length
@@ -716,14 +716,13 @@ def import_keras(path: str | Path, text_path: str | Path, options: ImportOptions
     text, raw = read_training_text(text_path, options.reading)
     vocab = vocab_for_model(text_path, text, raw, options.reading, config.vocab_size)
     ids = vocab.encode(text)
-    seeds = random_windows(ids, config.window, SEED_WINDOWS, options.seed)
     trained = TrainedModel(
         model=imported.model,
         vocab=vocab,
         normalization=Normalization(lowercase=options.reading.lowercase, strip_punctuation=False,
                                     strip_gutenberg=False),
         training=_training_record(path, text_path, network, imported, options),
-        seed_windows=[vocab.decode(row) for row in seeds],
+        seed_windows=seed_windows(vocab, ids, config.window, options.seed),
     )
     result = ImportResult(trained, imported.description, imported.notes)
     if options.check_chars > 0 and len(ids) > config.window + 1:
@@ -786,5 +785,5 @@ def _check_loss(model: CharLSTM, ids: np.ndarray, count: int) -> tuple[float, in
     count = min(count, len(ids) - window - 1)
     start = max(0, (len(ids) - window - count) // 2)
     context, scored = ids[start:start + window], ids[start + window:start + window + count]
-    return evaluate_ids(model, scored, context=context), len(scored)
+    return score_after(model, context, scored), len(scored)
 

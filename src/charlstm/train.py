@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .baselines import Baseline, compressor_baselines, format_baselines, versus_best
-from .checkpoint import SEED_WINDOWS, TrainedModel, random_windows
+from .baselines import Baseline, format_baselines, versus_best
+from .checkpoint import TrainedModel, seed_windows
 from .corpus import Corpus
 from .data import IGNORE_INDEX, SentenceBatches, StatefulWindowBatches, StreamBatches, WindowBatches, split_train_val
 from .errors import CharLSTMError
-from .evaluate import LN2, evaluate_ids
+from .evaluate import LN2, compressor_baselines_for, score_after
+from .evaluate import evaluate_ids  # noqa: F401  (re-exported from its former home)
 from .metrics import MetricsLog
 from .model import CharLSTM, ModelConfig, detach_state
 from .recipes import PRESETS, TrainConfig, _fine_tuning_preset, _finish_train_config, preset_configs, split_overrides
@@ -46,8 +47,6 @@ from .vocab import Vocab
 
 BEST_NAME = "best.safetensors"
 RESUME_NAME = "last.safetensors"
-BASELINE_CONTEXT = 8_000_000  # training characters the compressors see before the validation text
-BASELINE_VAL = 2_000_000      # validation characters they compress (all of it for books)
 # Model settings that may change when a checkpoint is resumed or fine-tuned (no parameter changes).
 REGULARISATION_FIELDS = ("dropout", "input_dropout", "weight_drop", "variational")
 
@@ -185,8 +184,7 @@ class Trainer:
             "val_characters": int(len(self.val_ids)),
             "fingerprint": ids_fingerprint(ids),
         }
-        seeds = random_windows(self.train_ids, model.config.window, SEED_WINDOWS, config.seed)
-        self.seed_windows = [vocab.decode(row) for row in seeds]
+        self.seed_windows = seed_windows(vocab, self.train_ids, model.config.window, config.seed)
         self._stop_requested = False
         self._eval_seconds: float | None = None
         self._session_start = time.perf_counter()
@@ -319,10 +317,7 @@ class Trainer:
         for line in self.summary_lines():
             self.log(line)
         if len(self.val_ids) and not self.baselines:
-            # compressors only look back so far; a bounded context keeps this quick on big corpora
-            context = self.train_ids[-BASELINE_CONTEXT:]
-            self.baselines = compressor_baselines(self.vocab.decode(context),
-                                                  self.vocab.decode(self.val_ids[:BASELINE_VAL]))
+            self.baselines = compressor_baselines_for(self.vocab, self.train_ids, self.val_ids)
         if self.baselines:
             self.log(f"Compressor baselines on the validation text (bits/char): {format_baselines(self.baselines)}")
         result = TrainResult(trained=self._trained_model(), baselines=self.baselines)
@@ -448,8 +443,7 @@ class Trainer:
         return loss
 
     def _evaluate_ids(self, ids: np.ndarray) -> float:
-        context = self.train_ids[-self.model.config.window:]
-        return evaluate_ids(self.model, ids, context=context, amp_dtype=self.amp_dtype)
+        return score_after(self.model, self.train_ids, ids, self.amp_dtype)
 
     # ---------------------------------------------------------------- output
     def _epoch_line(self, r: EpochRecord) -> str:
