@@ -4,6 +4,7 @@ beside what general-purpose compressors need for the same text (``baselines``)."
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ class TextScore:
     nats: float
     characters: int
     baselines: list[Baseline] = field(default_factory=list)
+    seconds: float = 0.0  # the model's scoring time (not the compressors')
 
     @property
     def bits(self) -> float:
@@ -41,8 +43,10 @@ class TextScore:
 def score_text(model: CharLSTM, vocab: Vocab, context: np.ndarray, scored: np.ndarray,
                amp_dtype: torch.dtype | None = None) -> TextScore:
     """Score ``scored`` read after ``context`` (only its last window counts), and the compressors."""
+    started = time.perf_counter()
     nats = score_after(model, context, scored, amp_dtype)
-    return TextScore(nats, len(scored), compressor_baselines_for(vocab, context, scored))
+    seconds = time.perf_counter() - started
+    return TextScore(nats, len(scored), compressor_baselines_for(vocab, context, scored), seconds)
 
 
 def score_after(model: CharLSTM, context: np.ndarray, scored: np.ndarray,
@@ -72,7 +76,7 @@ def evaluate_ids(model: CharLSTM, ids: np.ndarray, context: np.ndarray | None = 
     full = torch.from_numpy(np.concatenate([context, np.asarray(ids)]).astype(np.int64)).to(device)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         if model.config.target == "all":
-            with _one_cpu_thread(device):
+            with one_cpu_thread(device):
                 total, n_scored = _stream_losses(model, full, len(context), chunk)
         else:
             total, n_scored = _window_losses(model, full, len(context), chunk)
@@ -109,7 +113,7 @@ def _window_losses(model: CharLSTM, full: torch.Tensor, first: int, chunk: int) 
 
 
 @contextmanager
-def _one_cpu_thread(device: torch.device):
+def one_cpu_thread(device: torch.device):
     """Reading one stream step by step is latency-bound: a second CPU thread only adds
     synchronisation, which on a busy machine made it hundreds of times slower here."""
     threads = torch.get_num_threads()
