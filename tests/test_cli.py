@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from charlstm import checkpoint
-from charlstm.cli import main
+from charlstm.cli import build_parser, main
+from charlstm.recipes import OPTION_NAMES
 from charlstm.train import Trainer
 
 TINY = ["--units", "32", "--window", "20", "--batch-size", "32", "--no-progress", "--seed", "1"]
@@ -194,3 +195,12 @@ def test_run_trains_then_generates(tmp_path, small_text, capsys):
     assert "Total Vocab:" in out and "best checkpoint:" in out
     generated = out.split('Seed:\n"alice"\n', 1)[1].rsplit("\nDone.", 1)[0]
     assert len(generated) == 80
+
+
+def test_training_options_are_the_config_fields():
+    """Each config field is an option of the same name, and no other option goes unused."""
+    given = vars(build_parser().parse_args(["train"]))
+    assert OPTION_NAMES & given.keys() == OPTION_NAMES - {"activation", "recurrent_activation"}  # Keras imports'
+    cli_only = {"command", "func", "preset", "resume", "init", "no_progress", "text", "gutenberg", "mirror",
+                "cache_dir", "offline", "keep_case", "strip_punctuation"}
+    assert given.keys() - OPTION_NAMES == cli_only

@@ -22,9 +22,11 @@ from .evaluate import LN2, score_text
 from .fast_step import BACKENDS
 from .finetune import resolve_init
 from .generate import MODES, Generator, SamplingConfig
-from .keras_import import CHECK_CHARS, ImportOptions, TextReading, import_keras, keras_stem
+from .keras_import import CHECK_CHARS, KERAS_ACTIVATIONS, ImportOptions, TextReading, import_keras, keras_stem
 from .metrics import plot_run
-from .recipes import PRESETS
+from .model import INPUTS, TARGETS
+from .recipes import (BATCHINGS, MONITORS, OPTIMIZERS, OPTION_NAMES, PRECISIONS, PRESETS, SCHEDULES,
+                      option_help)
 from .train import fit
 
 EXIT_USAGE = 2
@@ -45,11 +47,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _float_list(text: str) -> tuple[float, ...]:
+def _temperatures(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
+        values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.2,0.5,1.0, not {text}") from None
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.2,0.5,1.0, not {text!r}")
+    return values
 
 
 # ----------------------------------------------------------------------- arguments
@@ -73,61 +78,51 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training (defaults come from --preset)")
     g.add_argument("--preset", default="default", choices=list(PRESETS))
-    g.add_argument("--input", choices=["scaled", "onehot", "embedding"])
-    g.add_argument("--embedding-dim", type=_positive_int)
-    g.add_argument("--layers", type=_positive_int)
-    g.add_argument("--units", type=_positive_int)
-    g.add_argument("--dropout", type=float, help="dropout after each LSTM layer")
-    g.add_argument("--input-dropout", type=float, help="dropout on the input encoding")
-    g.add_argument("--weight-drop", type=float, help="DropConnect on the recurrent weights (AWD-LSTM)")
-    g.add_argument("--variational", action=argparse.BooleanOptionalAction, default=None,
-                   help="one dropout mask per sequence for all time steps")
-    g.add_argument("--window", type=_positive_int, help="characters per window (the tutorial's seq_length)")
-    g.add_argument("--epochs", type=_positive_int)
-    g.add_argument("--batch-size", type=_positive_int)
-    g.add_argument("--lr", type=float, help="learning rate")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--optimizer", choices=["adam", "adamw"])
-    g.add_argument("--schedule", choices=["constant", "cosine"])
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--final-lr-fraction", type=float, help="the cosine schedule ends at lr times this")
-    g.add_argument("--clip", type=float, help="max gradient norm (0 = off)")
-    g.add_argument("--batching", choices=["windows", "streams", "sentences"],
-                   help="tutorial windows, contiguous streams (truncated BPTT) or padded sentences")
-    g.add_argument("--stateful", action="store_true", default=None,
-                   help="windows: consecutive windows in consecutive batches, LSTM state carried (Keras stateful=True)")
-    g.add_argument("--target", choices=["last", "all"],
-                   help="predict the character after each window (the tutorial) or every next character")
-    g.add_argument("--bptt", type=_positive_int, help="stream piece length for truncated BPTT")
-    g.add_argument("--random-offset", action=argparse.BooleanOptionalAction, default=None,
-                   help="start the streams at a random offset each epoch")
-    g.add_argument("--val-fraction", type=float, help="held-out share at the end of the text (0 = none)")
-    g.add_argument("--monitor", choices=["loss", "val_loss"])
-    g.add_argument("--patience", type=int, help="stop after this many epochs without improvement")
-    g.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop (and plan the schedule) by then")
-    g.add_argument("-o", "--output-dir", help="folder for checkpoints and metrics (default: checkpoints)")
-    g.add_argument("--checkpoint-template", help="e.g. 'weights-improvement-{epoch:02d}-{loss:.4f}'")
-    g.add_argument("--seed", type=int, help="random seed, for reproducible runs")
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    g.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
+
+    def option(name: str, *flags: str, **kw) -> None:  # dest = the config field, help = its description
+        g.add_argument(*flags, "--" + name.replace("_", "-"), dest=name, help=option_help(name), **kw)
+
+    option("input", choices=INPUTS)
+    option("embedding_dim", type=_positive_int)
+    option("layers", type=_positive_int)
+    option("units", type=_positive_int)
+    option("dropout", type=float)
+    option("input_dropout", type=float)
+    option("weight_drop", type=float)
+    option("variational", action=argparse.BooleanOptionalAction, default=None)
+    option("window", type=_positive_int)
+    option("epochs", type=_positive_int)
+    option("batch_size", type=_positive_int)
+    option("lr", type=float)
+    option("weight_decay", type=float)
+    option("optimizer", choices=OPTIMIZERS)
+    option("schedule", choices=SCHEDULES)
+    option("warmup_steps", type=int)
+    option("final_lr_fraction", type=float)
+    option("clip", type=float)
+    option("batching", choices=BATCHINGS)
+    option("stateful", action="store_true", default=None)
+    option("target", choices=TARGETS)
+    option("bptt", type=_positive_int)
+    option("random_offset", action=argparse.BooleanOptionalAction, default=None)
+    option("val_fraction", type=float)
+    option("monitor", choices=MONITORS)
+    option("patience", type=int)
+    option("time_budget", type=float, metavar="SECONDS")
+    option("output_dir", "-o")
+    option("checkpoint_template")
+    option("seed", type=int)
+    option("device")
+    option("precision", choices=PRECISIONS)
+    option("threads", type=int)
     g.add_argument("--resume", type=Path, metavar="CHECKPOINT",
                    help="continue from a checkpoint: last.safetensors exactly, any other one as fine-tuning")
     g.add_argument("--init", metavar="english|CHECKPOINT",
                    help="fine-tune a pretrained model on this text: 'english' (the shipped base) or a checkpoint")
-    g.add_argument("--sample-every", type=int, metavar="N", help="print generated samples every N epochs")
-    g.add_argument("--sample-temperatures", type=_float_list, metavar="T,T,...",
-                   help="temperatures for those samples (default 0.2,0.5,1.0)")
-    g.add_argument("--sample-length", type=_positive_int, help="characters per sample (default 200)")
+    option("sample_every", type=int, metavar="N")
+    option("sample_temperatures", type=_temperatures, metavar="T,T,...")
+    option("sample_length", type=_positive_int)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _temperatures(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, not {text!r}") from None
-    return values
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -224,9 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-KERAS_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "tanh", "relu", "linear")
-
-
 def _add_import_keras_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("keras_file", type=Path, metavar="FILE",
                    help="Keras .hdf5/.h5 model or weights file, Keras 3 .weights.h5 or .keras")
@@ -264,14 +256,6 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
                             cache_dir=args.cache_dir, offline=args.offline)
 
 
-TRAIN_OPTIONS = ("input", "embedding_dim", "layers", "units", "dropout", "input_dropout", "window", "epochs",
-                 "batch_size", "lr", "weight_decay", "optimizer", "schedule", "warmup_steps", "clip", "batching",
-                 "bptt", "stateful", "target", "val_fraction", "monitor", "patience", "time_budget", "output_dir",
-                 "checkpoint_template", "seed", "device", "precision", "weight_drop", "variational",
-                 "final_lr_fraction", "random_offset", "threads", "sample_every", "sample_temperatures",
-                 "sample_length")
-
-
 def _train(args: argparse.Namespace):
     if args.init is not None:
         resolve_init(args.init)  # a missing model is reported before the text is read
@@ -279,7 +263,7 @@ def _train(args: argparse.Namespace):
         norm = checkpoint.load(args.resume).normalization
         args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
     corpus = corpus_from_args(args)
-    overrides = {name: getattr(args, name) for name in TRAIN_OPTIONS}
+    overrides = {name: value for name, value in vars(args).items() if name in OPTION_NAMES}
     result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, init=args.init,
                  **overrides)
     if result.best_path:

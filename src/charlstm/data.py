@@ -21,10 +21,14 @@ import torch
 from .errors import CharLSTMError
 
 
-def split_train_val(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """The last ``val_fraction`` of the text is held out; 0 means no validation text."""
+def check_val_fraction(val_fraction: float) -> None:
     if not 0.0 <= val_fraction < 1.0:
         raise CharLSTMError(f"--val-fraction must be in [0, 1), not {val_fraction}")
+
+
+def split_train_val(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``val_fraction`` of the text is held out; 0 means no validation text."""
+    check_val_fraction(val_fraction)
     n_val = int(round(len(ids) * val_fraction))
     return ids[: len(ids) - n_val], ids[len(ids) - n_val:]
 

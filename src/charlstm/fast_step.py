@@ -293,12 +293,16 @@ def lean_supported(model: CharLSTM) -> bool:
 
 
 
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise CharLSTMError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+
+
 def make_stepper(model: CharLSTM, batch_size: int, backend: str = "auto",
                  weights: LeanWeights | None = None, library: ctypes.CDLL | None = None) -> Stepper:
     """A stepper for ``model``; ``auto`` = native on CPU where it compiles, torch otherwise,
     module for layers the lean backends do not implement."""
-    if backend not in BACKENDS:
-        raise CharLSTMError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    check_backend(backend)
     if backend == "module" or (backend == "auto" and not lean_supported(model)):
         return ModuleStepper(model, batch_size)
     if not lean_supported(model):

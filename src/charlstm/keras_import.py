@@ -54,6 +54,7 @@ SUPPORTED_LAYERS = ("LSTM", "Dropout", "Dense", "Activation", "InputLayer")
 KERAS3_CONTAINER_NAMES = {"LSTM": "lstm", "Dense": "dense", "Dropout": "dropout", "Activation": "activation"}
 # Keras' activation names to ModelConfig's; 'hard_sigmoid' depends on the Keras version.
 ACTIVATION_NAMES = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu", "linear": "linear"}
+KERAS_ACTIVATIONS = ("hard_sigmoid", *ACTIVATION_NAMES)  # every activation an imported LSTM may name
 KERAS_SUFFIXES = (".weights.h5", ".hdf5", ".h5", ".keras")
 CHECKPOINT_NAME_RE = re.compile(r"-(\d+)-(\d+(?:\.\d+)?)(?:-[^-]*)?$")
 
@@ -530,7 +531,7 @@ def _activation_name(value, network: KerasNetwork, path: Path, layer: str) -> st
         return "hard_sigmoid_keras3" if network.keras_major >= 3 else "hard_sigmoid"
     if isinstance(value, str) and value in ACTIVATION_NAMES:
         return ACTIVATION_NAMES[value]
-    supported = ", ".join(sorted([*ACTIVATION_NAMES, "hard_sigmoid"]))
+    supported = ", ".join(sorted(KERAS_ACTIVATIONS))
     raise CharLSTMError(f"{path}: layer {layer} uses the activation {value!r}; supported: {supported}")
 
 

@@ -6,40 +6,54 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from .data import check_val_fraction
 from .errors import CharLSTMError
-from .model import ModelConfig
+from .generate import check_temperature
+from .model import ModelConfig, knob
 
 UNLIMITED_EPOCHS = 1_000_000
 
 
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+BATCHINGS = ("windows", "streams", "sentences")
+MONITORS = ("loss", "val_loss")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"            # adam | adamw
-    schedule: str = "cosine"            # constant | cosine
-    warmup_steps: int = 100
-    final_lr_fraction: float = 0.05     # the cosine ends at lr * this
-    clip: float = 1.0                   # max gradient norm, 0 = off
-    batching: str = "streams"           # windows | streams | sentences
-    stateful: bool = False              # windows: consecutive windows in consecutive batches, state carried
-    bptt: int = 100                     # stream piece length
-    random_offset: bool = False         # streams start at a random offset each epoch
-    val_fraction: float = 0.1
-    monitor: str = "val_loss"           # loss | val_loss
-    checkpoint_template: str = "weights-improvement-{epoch:02d}-{loss:.4f}"
-    output_dir: str = "checkpoints"
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"             # auto | fp32 | bf16
-    threads: int = 0                    # CPU threads for torch, 0 = torch's choice
-    time_budget: float | None = None    # seconds; the schedule is planned to end on time
-    patience: int = 0                   # early stopping: epochs without improvement, 0 = off
-    sample_every: int = 0               # print samples every N epochs, 0 = never
-    sample_temperatures: tuple[float, ...] = (0.2, 0.5, 1.0)
-    sample_length: int = 200
+    """How to train: the loop's knobs. A preset fills them, any option overrides them; each
+    field's description is its command-line help."""
+
+    epochs: int = knob(20, "passes over the training text (with --time-budget alone: until time is up)")
+    batch_size: int = knob(64, "windows, streams or sentences per optimiser step")
+    lr: float = knob(2e-3, "learning rate (the peak, after warm-up)")
+    weight_decay: float = knob(0.0, "AdamW's decoupled weight decay of the weight matrices")
+    optimizer: str = knob("adamw", "Adam (the tutorial's) or AdamW")
+    schedule: str = knob("cosine", "learning rate after warm-up: constant, or a cosine down to the final fraction")
+    warmup_steps: int = knob(100, "steps of linear warm-up from 0 to --lr")
+    final_lr_fraction: float = knob(0.05, "the cosine schedule ends at lr times this")
+    clip: float = knob(1.0, "max gradient norm (0 = off)")
+    batching: str = knob("streams", "tutorial windows, contiguous streams (truncated BPTT) or padded sentences")
+    stateful: bool = knob(False, "windows: consecutive windows in consecutive batches, LSTM state carried "
+                                 "(Keras stateful=True)")
+    bptt: int = knob(100, "stream piece length for truncated BPTT")
+    random_offset: bool = knob(False, "start the streams at a random offset each epoch")
+    val_fraction: float = knob(0.1, "held-out share at the end of the text (0 = none)")
+    monitor: str = knob("val_loss", "the loss that selects checkpoints and drives --patience")
+    checkpoint_template: str = knob("weights-improvement-{epoch:02d}-{loss:.4f}", "checkpoint file names, "
+                                    "Keras-style, e.g. 'weights-improvement-{epoch:02d}-{loss:.4f}'")
+    output_dir: str = knob("checkpoints", "folder for checkpoints and metrics")
+    seed: int = knob(0, "random seed, for reproducible runs")
+    device: str = knob("auto", "auto, cpu, cuda, cuda:N or mps")
+    precision: str = knob("auto", "bf16 autocast where the hardware has it (auto), or always fp32 or bf16")
+    threads: int = knob(0, "CPU threads for PyTorch (0 = its own choice)")
+    time_budget: float | None = knob(None, "seconds: stop by then, the schedule planned to end on time")
+    patience: int = knob(0, "stop after this many epochs without improvement (0 = never)")
+    sample_every: int = knob(0, "print generated samples every N epochs (0 = never)")
+    sample_temperatures: tuple[float, ...] = knob((0.2, 0.5, 1.0), "temperatures for those samples")
+    sample_length: int = knob(200, "characters per sample")
 
     def validate(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "bptt": self.bptt,
@@ -49,14 +63,12 @@ class TrainConfig:
                 raise CharLSTMError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise CharLSTMError(f"--lr must be positive, not {self.lr}")
-        choices = {"optimizer": ("adam", "adamw"), "schedule": ("constant", "cosine"),
-                   "batching": ("windows", "streams", "sentences"), "monitor": ("loss", "val_loss"),
-                   "precision": ("auto", "fp32", "bf16")}
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "batching": BATCHINGS, "monitor": MONITORS,
+                   "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise CharLSTMError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise CharLSTMError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
+        check_val_fraction(self.val_fraction)
         if self.time_budget is not None and not self.time_budget > 0:
             raise CharLSTMError(f"--time-budget must be positive seconds, not {self.time_budget}")
         non_negative = {"clip": self.clip, "warmup_steps": self.warmup_steps, "patience": self.patience,
@@ -67,8 +79,10 @@ class TrainConfig:
                 raise CharLSTMError(f"--{name.replace('_', '-')} must not be negative, not {value}")
         if not 0.0 <= self.final_lr_fraction <= 1.0:
             raise CharLSTMError(f"--final-lr-fraction must be in [0, 1], not {self.final_lr_fraction}")
-        if not self.sample_temperatures or any(not 0.0 <= t <= 100.0 for t in self.sample_temperatures):
-            raise CharLSTMError("--sample-temperatures must be numbers in [0, 100], e.g. 0.2,0.5,1.0")
+        if not self.sample_temperatures:
+            raise CharLSTMError("--sample-temperatures must name at least one temperature, e.g. 0.2,0.5,1.0")
+        for temperature in self.sample_temperatures:
+            check_temperature(temperature, "--sample-temperatures")
         if self.monitor == "val_loss" and self.val_fraction == 0:
             raise CharLSTMError("--monitor val_loss needs validation text: set --val-fraction above 0")
         if self.stateful and self.batching != "windows":
@@ -116,16 +130,37 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 FINE_TUNING = dict(lr=3e-3, warmup_steps=20)
 
 
-def preset_configs(preset: str, vocab_size: int, **overrides) -> tuple[ModelConfig, TrainConfig]:
-    """The preset's configs with ``overrides`` (any field of either config; None = keep)."""
+def preset_recipe(preset: str) -> tuple[dict, dict]:
+    """The preset's model and training settings."""
     if preset not in PRESETS:
         raise CharLSTMError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
-    model_kw, train_kw = (dict(d) for d in PRESETS[preset])
+    return PRESETS[preset]
+
+
+def preset_configs(preset: str, vocab_size: int, **overrides) -> tuple[ModelConfig, TrainConfig]:
+    """The preset's configs with ``overrides`` (any field of either config; None = keep)."""
+    model_kw, train_kw = (dict(d) for d in preset_recipe(preset))
     model_over, train_over = split_overrides(overrides)
     model_kw.update(model_over)
     train_kw.update(train_over)
     train = _finish_train_config(train_kw, train_over)
     return ModelConfig(vocab_size=vocab_size, **model_kw), train
+
+
+# Every setting a run may override, by name: the fields of both configs (the vocabulary size comes
+# from the text). The command line passes each option of the same name.
+OPTION_NAMES = frozenset(f.name for cls in (ModelConfig, TrainConfig) for f in fields(cls)) - {"vocab_size"}
+
+
+def option_help(name: str) -> str:
+    """The command-line help of a config field, with its default where no preset sets it."""
+    found = {f.name: f for cls in (ModelConfig, TrainConfig) for f in fields(cls)}[name]
+    text = found.metadata["help"]
+    preset_sets_it = any(name in settings for recipe in PRESETS.values() for settings in recipe)
+    if preset_sets_it or found.default is None or isinstance(found.default, bool) or "(0 = " in text:
+        return text
+    default = ",".join(map(str, found.default)) if isinstance(found.default, tuple) else found.default
+    return f"{text} (default {default})"
 
 
 def split_overrides(overrides: dict) -> tuple[dict, dict]:
@@ -156,8 +191,6 @@ def _finish_train_config(train_kw: dict, explicit: dict) -> TrainConfig:
 
 def _fine_tuning_preset(preset: str, config: ModelConfig) -> str:
     """The asked-for preset if it trains this kind of model, else the one that does."""
-    if preset not in PRESETS:
-        raise CharLSTMError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
-    if PRESETS[preset][0].get("target", "all") == config.target:
+    if preset_recipe(preset)[0].get("target", "all") == config.target:
         return preset
     return "tutorial-small" if config.target == "last" else "default"
