@@ -20,7 +20,8 @@ from charlstm.metrics import plot_run, read_metrics
 from charlstm.model import CharLSTM, ModelConfig
 from charlstm.evaluate import LN2, evaluate_ids
 from charlstm.recipes import preset_configs
-from charlstm.train import EpochRecord, Trainer
+from charlstm.records import EpochRecord
+from charlstm.train import Trainer
 from charlstm.train_state import pack_optimizer, pack_rng, restore_rng, unpack_optimizer
 from charlstm.vocab import Vocab
 
