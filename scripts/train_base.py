@@ -43,6 +43,7 @@ from charlstm.corpus import Normalization, normalize, read_text_file
 from charlstm.data import StreamBatches
 from charlstm.evaluate import LN2, evaluate_ids
 from charlstm.model import CharLSTM, ModelConfig, detach_state
+from charlstm.records import TrainingRecord
 from charlstm.train import autocast_dtype
 from charlstm.vocab import Vocab
 
@@ -196,7 +197,8 @@ class BaseRun:
             "best": {"val_loss": self.best, "val_bpc": self.best / LN2},
             "time_seconds": row["elapsed_s"],
         }
-        return TrainedModel(model=self.model, vocab=self.vocab, normalization=NORMALIZATION, training=record,
+        return TrainedModel(model=self.model, vocab=self.vocab, normalization=NORMALIZATION,
+                            training=TrainingRecord.from_json(record),
                             seed_windows=self.seed_windows)
 
 

@@ -24,7 +24,7 @@ def test_five_line_notebook_use(tmp_path, alice_start):
     text = charlstm.generate(model, length=200, seed=1, temperature=0.8)
     assert len(text) == 200 and set(text) <= set(model.vocab.chars)
     reloaded = charlstm.load(tmp_path / "best.safetensors")
-    assert reloaded.training["epoch"] >= 1
+    assert reloaded.training.epoch >= 1
     assert charlstm.generate(reloaded, length=50, prime="alice", seed=2) == \
         charlstm.generate(model, length=50, prime="alice", seed=2)
 

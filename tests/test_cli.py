@@ -91,7 +91,7 @@ def test_ctrl_c_keeps_the_last_good_checkpoint(tmp_path, small_text, monkeypatch
                  "-o", str(tmp_path), *TINY])
     assert code == 130
     saved = list(tmp_path.glob("weights-improvement-01-*.safetensors"))
-    assert len(saved) == 1 and checkpoint.load(saved[0]).training["epoch"] == 1
+    assert len(saved) == 1 and checkpoint.load(saved[0]).training.epoch == 1
     assert not list(tmp_path.glob(".*.tmp"))
     assert "interrupted" in capsys.readouterr().out
 

@@ -96,7 +96,7 @@ def test_batch_size_one_trains(tmp_path, small_text, preset):
                         "--window", "10", "--bptt", "20")
     assert code == 0 and np.isfinite(rows[0]["loss"])
     best = checkpoint.load(tmp_path / "out" / "best.safetensors")
-    assert best.training["config"]["batch_size"] == 1
+    assert best.training.config["batch_size"] == 1
 
 
 def test_strip_punctuation_removes_it_from_the_vocabulary(tmp_path, small_text):

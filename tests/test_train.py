@@ -113,7 +113,7 @@ def test_checkpoints_are_selected_and_named_by_validation_loss(tmp_path, small_c
                      "weights-improvement-04-1.4000.safetensors"]
     assert result.best_path.name == names[-1]
     best = checkpoint.load(tmp_path / "best.safetensors")
-    assert best.training["best"]["val_loss"] == 1.4 and best.training["epoch"] == 4
+    assert best.training.best.val_loss == 1.4 and best.training.epoch == 4
 
 
 def test_patience_stops_early(tmp_path, small_corpus, monkeypatch):
@@ -173,7 +173,7 @@ def test_fine_tuning_a_window_model_uses_windows(tmp_path, small_corpus):
                  output_dir=str(tmp_path / "a"), **QUIET)
     result = charlstm.fit(small_corpus, resume=tmp_path / "a" / "best.safetensors", epochs=1, batch_size=256,
                           output_dir=str(tmp_path / "b"), **QUIET)
-    assert result.trained.config.target == "last" and result.trained.training["config"]["batching"] == "windows"
+    assert result.trained.config.target == "last" and result.trained.training.config["batching"] == "windows"
 
 
 def test_resume_refuses_to_change_the_architecture(tmp_path, small_corpus):

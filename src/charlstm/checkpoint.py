@@ -23,6 +23,7 @@ from .corpus import Normalization
 from .errors import CharLSTMError
 from .fileio import atomic_write_bytes
 from .model import CharLSTM, ModelConfig
+from .records import TrainingRecord
 from .vocab import Vocab
 
 FORMAT = "charlstm"
@@ -40,13 +41,24 @@ class TrainedModel:
     model: CharLSTM
     vocab: Vocab
     normalization: Normalization = field(default_factory=Normalization)
-    training: dict = field(default_factory=dict)
+    training: TrainingRecord = field(default_factory=TrainingRecord)
     seed_windows: list[str] = field(default_factory=list)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    def info_lines(self, path: str | Path) -> list[str]:
+        """What ``charlstm info`` prints: the network, its vocabulary, and how it was trained."""
+        return [
+            f"checkpoint: {path}",
+            "model: " + ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items()),
+            f"parameters: {self.model.num_parameters():,}",
+            f"vocabulary: {len(self.vocab)} characters {''.join(self.vocab.chars)!r}",
+            "normalization: " + ", ".join(f"{k}={v}" for k, v in self.normalization.to_dict().items()),
+            *self.training.info_lines(path),
+        ]
 
     def metadata(self) -> dict:
         return {
@@ -55,7 +67,7 @@ class TrainedModel:
             "model": self.config.to_dict(),
             "vocab": list(self.vocab.chars),
             "normalization": self.normalization.to_dict(),
-            "training": self.training,
+            "training": self.training.to_json(),
             "seed_windows": self.seed_windows,
         }
 
@@ -104,7 +116,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
         config = ModelConfig.from_dict(meta["model"])
         vocab = Vocab.from_json(meta["vocab"])
         normalization = Normalization.from_dict(meta.get("normalization", {}))
-    except (KeyError, TypeError) as err:
+        training = TrainingRecord.from_json(meta.get("training", {}))
+    except (KeyError, TypeError, ValueError) as err:
         raise CharLSTMError(f"{path}: incomplete checkpoint metadata ({err})") from None
     if len(vocab) != config.vocab_size:
         raise CharLSTMError(f"{path}: vocabulary has {len(vocab)} characters, model expects {config.vocab_size}")
@@ -115,7 +128,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
         model=model.to(device).eval(),
         vocab=vocab,
         normalization=normalization,
-        training=meta.get("training", {}),
+        training=training,
         seed_windows=[s for s in meta.get("seed_windows", []) if isinstance(s, str)],
         extra=extra,
     )

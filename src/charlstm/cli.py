@@ -362,55 +362,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     trained = checkpoint.load(args.checkpoint)
-    for line in info_lines(args.checkpoint, trained):
+    for line in trained.info_lines(args.checkpoint):
         print(line)
     return 0
-
-
-def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
-    cfg, training = trained.config, trained.training
-    history = training.get("history", [])
-    lines = [
-        f"checkpoint: {path}",
-        "model: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()),
-        f"parameters: {trained.model.num_parameters():,}",
-        f"vocabulary: {len(trained.vocab)} characters {''.join(trained.vocab.chars)!r}",
-        "normalization: " + ", ".join(f"{k}={v}" for k, v in trained.normalization.to_dict().items()),
-    ]
-    data = training.get("data")
-    if data:
-        lines.append(f"data: {', '.join(data.get('sources', [])) or '?'}: {data.get('characters', 0):,} characters "
-                     f"({data.get('train_characters', 0):,} training, {data.get('val_characters', 0):,} validation)")
-    config = training.get("config")
-    if config:
-        keys = ("batch_size", "bptt", "lr", "weight_decay", "optimizer", "schedule", "precision", "time_budget")
-        lines.append("training: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config))
-    keras = training.get("keras")
-    if isinstance(keras, dict):
-        loss = training.get("loss")
-        lines.append(f"imported from Keras: {keras.get('file')} ({keras.get('format')}), text {keras.get('text')}"
-                     + (f", training loss {loss}" if loss is not None else ""))
-    init = training.get("init")
-    if init:
-        lines.append(f"fine-tuned from: {init.get('init')} (sha256 {str(init.get('sha256'))[:12]}, "
-                     f"{init.get('characters_new', 0)} new characters)")
-    lines.append(f"epochs trained: {training.get('epoch', len(history))}")
-    vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
-    if vals:
-        best = min(vals)
-        lines.append(f"best val_loss: {best:.4f} nats/char ({best / LN2:.4f} bits/char)")
-    baselines = training.get("baselines")
-    if baselines:
-        lines.append("compressors on the validation text: "
-                     + ", ".join(f"{b['name']} {b['bits_per_char']:.3f}" for b in baselines) + " bits/char")
-    if history:
-        lines.append(f"last training loss: {history[-1]['loss']:.4f}")
-    resume = training.get("resume")
-    if resume:
-        pos = resume.get("position", {})
-        lines.append(f"resumable: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('step')} "
-                     f"(charlstm train --resume {path})")
-    return lines
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -432,7 +386,7 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"vocabulary: {len(result.trained.vocab)} characters of {args.text} ({reading.describe()})")
     if result.check_loss is not None:
-        stated = result.trained.training.get("loss")
+        stated = result.trained.training.loss
         hint = f" (the file name says loss {stated})" if stated is not None else ""
         print(f"check: {result.check_loss:.4f} nats/char on {result.check_chars} characters of the text{hint}")
     print(f"wrote {output}")

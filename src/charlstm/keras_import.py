@@ -39,6 +39,7 @@ from .checkpoint import TrainedModel, seed_windows
 from .corpus import Normalization, read_text_bytes, strip_gutenberg_boilerplate
 from .errors import CharLSTMError
 from .model import CharLSTM, ModelConfig
+from .records import KerasRecord, TrainingRecord
 from .evaluate import score_after
 from .vocab import Vocab
 
@@ -728,7 +729,7 @@ def import_keras(path: str | Path, text_path: str | Path, options: ImportOptions
     result = ImportResult(trained, imported.description, imported.notes)
     if options.check_chars > 0 and len(ids) > config.window + 1:
         result.check_loss, result.check_chars = _check_loss(imported.model, ids, options.check_chars)
-        trained.training["keras"]["check_nats_per_char"] = round(result.check_loss, 6)
+        trained.training.keras.check_nats_per_char = round(result.check_loss, 6)
         _refuse_if_worse_than_chance(text_path, result.check_loss, len(vocab))
     return result
 
@@ -747,21 +748,11 @@ def _refuse_if_worse_than_chance(text_path: Path, loss: float, vocab_size: int) 
 
 
 def _training_record(path: Path, text_path: Path, network: KerasNetwork, imported: ImportedModel,
-                     options: ImportOptions) -> dict:
-    record = {
-        "imported_from": "keras",
-        "keras": {
-            "file": path.name,
-            "format": network.file_format,
-            "keras_version": network.keras_version,
-            "architecture": imported.description,
-            "text": text_path.name,
-            "text_reading": asdict(options.reading),
-            "notes": imported.notes,
-        },
-    }
-    record.update(epoch_and_loss_from_name(path.name))
-    return record
+                     options: ImportOptions) -> TrainingRecord:
+    keras = KerasRecord(file=path.name, format=network.file_format, keras_version=network.keras_version,
+                        architecture=imported.description, text=text_path.name,
+                        text_reading=asdict(options.reading), notes=imported.notes)
+    return TrainingRecord(keras=keras, **epoch_and_loss_from_name(path.name))
 
 
 def keras_stem(name: str) -> str:

@@ -44,7 +44,7 @@ from .metrics import MetricsLog
 from .model import REGULARISATION_FIELDS, CharLSTM, ModelConfig, detach_state
 from .recipes import (FINE_TUNING, PRESETS, TrainConfig, _fine_tuning_preset, _finish_train_config, preset_configs,
                       split_overrides)
-from .records import EpochRecord, Position
+from .records import BestEpoch, DataRecord, EpochRecord, Position, ResumeRecord, TrainingRecord
 from .train_state import pack_carry, pack_optimizer, pack_rng, restore_rng, unpack_carry, unpack_optimizer
 from .vocab import Vocab
 
@@ -135,13 +135,9 @@ class Trainer:
         self.baselines: list[Baseline] = []
         self.output_dir = Path(config.output_dir)
         self.metrics = MetricsLog(self.output_dir)
-        self.data_info = {
-            "sources": list(corpus.sources) if corpus else [],
-            "characters": int(len(ids)),
-            "train_characters": int(len(self.train_ids)),
-            "val_characters": int(len(self.val_ids)),
-            "fingerprint": ids_fingerprint(ids),
-        }
+        self.data_info = DataRecord(sources=list(corpus.sources) if corpus else [], characters=int(len(ids)),
+                                    train_characters=int(len(self.train_ids)),
+                                    val_characters=int(len(self.val_ids)), fingerprint=ids_fingerprint(ids))
         self.seed_windows = seed_windows(vocab, self.train_ids, model.config.window, config.seed)
         self._stop_requested = False
         self._eval_seconds: float | None = None
@@ -200,22 +196,22 @@ class Trainer:
     def restore(self, trained: TrainedModel, source: str | Path = "checkpoint") -> bool:
         """Continue from ``trained``; exact when it carries a resume record (``last.safetensors``),
         otherwise fine-tune its weights with a fresh optimiser and schedule. Returns exactness."""
-        record = trained.training.get("resume")
-        if not record:
+        record = trained.training.resume
+        if record is None:
             self.log(f"fine-tuning {source}: it holds no optimiser state, so the optimiser and the "
                      f"schedule start fresh")
             return False
-        unpack_optimizer(self.optimizer, trained.extra, record.get("optimizer", {}))
+        unpack_optimizer(self.optimizer, trained.extra, record.optimizer)
         if self.config.optimizer == "adamw":  # a changed --weight-decay wins over the saved one
             self.optimizer.param_groups[0]["weight_decay"] = self.config.weight_decay
-        restore_rng(trained.extra, record.get("rng", {}))
-        self.position = Position.from_dict(record.get("position", {}))
+        restore_rng(trained.extra, record.rng)
+        self.position = record.position
         m = self.model.config
         self.carry = unpack_carry(trained.extra, m.layers, self.config.batch_size, m.units, self.device)
-        self.history = [EpochRecord.from_dict(r) for r in trained.training.get("history", [])]
-        self.init = trained.training.get("init", self.init)
-        self.baselines = [Baseline(**b) for b in trained.training.get("baselines", [])]
-        if record.get("fingerprint") != self.data_info["fingerprint"]:
+        self.history = list(trained.training.history)
+        self.init = trained.training.init or self.init
+        self.baselines = list(trained.training.baselines)
+        if record.fingerprint != self.data_info.fingerprint:
             self.log("warning: this text differs from the one the checkpoint was trained on; "
                      "training continues, but not as an exact continuation")
         self.log(f"resuming {source}: epoch {self.position.epoch}, batch {self.position.batch}, "
@@ -434,26 +430,10 @@ class Trainer:
         finally:
             self.model.train()
 
-    def _training_record(self) -> dict:
-        best = {}
-        vals = [r for r in self.history if r.val_loss is not None]
-        if vals:
-            top = min(vals, key=lambda r: r.val_loss)
-            best = {"epoch": top.epoch, "val_loss": top.val_loss, "val_bpc": top.val_bpc}
-        return {
-            "config": asdict(self.config),
-            "history": [asdict(r) for r in self.history],
-            "epoch": len(self.history),
-            "data": self.data_info,
-            "baselines": [asdict(b) for b in self.baselines],
-            "best": best,
-            **({"init": self.init} if self.init else {}),
-        }
-
-    def _trained_model(self, extra: dict | None = None, resume: dict | None = None) -> TrainedModel:
-        training = self._training_record()
-        if resume is not None:
-            training["resume"] = resume
+    def _trained_model(self, extra: dict | None = None, resume: ResumeRecord | None = None) -> TrainedModel:
+        training = TrainingRecord(config=asdict(self.config), history=list(self.history), epoch=len(self.history),
+                                  best=BestEpoch.of(self.history), data=self.data_info,
+                                  baselines=list(self.baselines), resume=resume, init=self.init)
         return TrainedModel(
             model=self.model,
             vocab=self.vocab,
@@ -477,8 +457,7 @@ class Trainer:
         optim_tensors, optim_meta = pack_optimizer(self.optimizer)
         rng_tensors, rng_meta = pack_rng()
         extra = {**optim_tensors, **rng_tensors, **pack_carry(self.carry)}
-        resume = {"position": self.position.to_dict(), "optimizer": optim_meta, "rng": rng_meta,
-                  "fingerprint": self.data_info["fingerprint"]}
+        resume = ResumeRecord(replace(self.position), optim_meta, rng_meta, self.data_info.fingerprint)
         return checkpoint.save(self.output_dir / RESUME_NAME, self._trained_model(extra, resume))
 
 
@@ -566,8 +545,8 @@ def _fit_resumed(corpus: Corpus, path: Path, preset: str, log, progress: bool, o
     trained = checkpoint.load(path)
     model_over, train_over = split_overrides(overrides)
     model = _with_regularisation(trained.model, model_over)
-    saved = trained.training.get("config")
-    if saved and trained.training.get("resume"):
+    saved = trained.training.config
+    if saved and trained.training.resume:
         train_kw = {**asdict(TrainConfig.from_dict(saved)), **train_over}
     else:
         train_kw = {**PRESETS[_fine_tuning_preset(preset, model.config)][1], **train_over}
