@@ -78,7 +78,7 @@ def test_prime_and_length(trained_dir, capsys):
 
 def test_ctrl_c_keeps_the_last_good_checkpoint(tmp_path, small_text, monkeypatch, capsys):
     calls = {"n": 0}
-    original = Trainer._train_step
+    original = Trainer.train_step
 
     def interrupt_in_second_epoch(self, *args):
         calls["n"] += 1
@@ -86,7 +86,7 @@ def test_ctrl_c_keeps_the_last_good_checkpoint(tmp_path, small_text, monkeypatch
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_in_second_epoch)
+    monkeypatch.setattr(Trainer, "train_step", interrupt_in_second_epoch)
     code = main(["train", "--preset", "tutorial-small", "--epochs", "5", "--text", str(small_text),
                  "-o", str(tmp_path), *TINY])
     assert code == 130

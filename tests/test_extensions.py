@@ -62,7 +62,7 @@ def test_sentence_epoch_counts_only_real_targets(tmp_path, pg11):
                       TrainConfig(epochs=1, batch_size=8, batching="sentences", val_fraction=0.0,
                                   monitor="loss", output_dir=str(tmp_path), precision="fp32"),
                       log=lambda _: None, progress=False)
-    trainer._train_epoch()
+    trainer.train_epoch()
     assert trainer.position.targets == trainer.batches.num_targets < len(ids)
 
 

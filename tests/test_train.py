@@ -106,7 +106,7 @@ def test_stream_evaluation_runs_on_one_thread_and_restores_the_count(monkeypatch
 
 def test_checkpoints_are_selected_and_named_by_validation_loss(tmp_path, small_corpus, monkeypatch):
     scripted = iter([2.0, 1.5, 1.7, 1.4])
-    monkeypatch.setattr(Trainer, "_evaluate_ids", lambda self, ids: next(scripted))
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: next(scripted))
     result = charlstm.fit(small_corpus, epochs=4, output_dir=str(tmp_path), **SMALL, **QUIET)
     names = sorted(p.name for p in tmp_path.glob("weights-improvement-*"))
     assert names == ["weights-improvement-01-2.0000.safetensors", "weights-improvement-02-1.5000.safetensors",
@@ -118,7 +118,7 @@ def test_checkpoints_are_selected_and_named_by_validation_loss(tmp_path, small_c
 
 def test_patience_stops_early(tmp_path, small_corpus, monkeypatch):
     scripted = iter([2.0, 2.1, 2.2, 1.0, 1.0])
-    monkeypatch.setattr(Trainer, "_evaluate_ids", lambda self, ids: next(scripted))
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: next(scripted))
     result = charlstm.fit(small_corpus, epochs=5, patience=2, output_dir=str(tmp_path), **SMALL, **QUIET)
     assert len(result.history) == 3
 
@@ -128,7 +128,7 @@ def test_patience_stops_early(tmp_path, small_corpus, monkeypatch):
 
 def _stop_after(monkeypatch, steps: int) -> None:
     """Make the run stop (as on Ctrl-C) after ``steps`` optimiser steps."""
-    original = Trainer._train_step
+    original = Trainer.train_step
 
     def counting(self, *args):
         out = original(self, *args)
@@ -136,7 +136,7 @@ def _stop_after(monkeypatch, steps: int) -> None:
             self.request_stop()
         return out
 
-    monkeypatch.setattr(Trainer, "_train_step", counting)
+    monkeypatch.setattr(Trainer, "train_step", counting)
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, small_corpus, monkeypatch):
@@ -219,8 +219,8 @@ def test_time_budget_schedule_ends_on_the_final_rate(small_corpus):
                                           lr=1e-3, final_lr_fraction=0.1, **{k: v for k, v in SMALL.items()
                                                                              if k not in ("lr", "warmup_steps")})
     trainer = Trainer(CharLSTM(model_config), vocab, vocab.encode(small_corpus.text), config, **QUIET)
-    trainer._eval_seconds = 0.0
-    budget_end = 100.0 - trainer._reserve_seconds()
+    trainer.eval_seconds = 0.0
+    budget_end = 100.0 - trainer.reserve_seconds()
     assert math.isclose(trainer.lr_at(0, 0.0), 1e-4)  # warm-up
     assert math.isclose(trainer.lr_at(50, 0.0), 1e-3)
     assert math.isclose(trainer.lr_at(50, budget_end / 2), 1e-3 * (0.1 + 0.9 * 0.5))

@@ -44,6 +44,7 @@ class TrainedModel:
     training: TrainingRecord = field(default_factory=TrainingRecord)
     seed_windows: list[str] = field(default_factory=list)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    path: Path | None = field(default=None, compare=False)  # the file it was loaded from
 
     @property
     def config(self) -> ModelConfig:
@@ -131,6 +132,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
         training=training,
         seed_windows=[s for s in meta.get("seed_windows", []) if isinstance(s, str)],
         extra=extra,
+        path=path,
     )
 
 

@@ -259,13 +259,13 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
 def _train(args: argparse.Namespace):
     if args.init is not None:
         resolve_init(args.init)  # a missing model is reported before the text is read
-    if args.resume is not None:  # read the text the way the checkpoint's text was read
-        norm = checkpoint.load(args.resume).normalization
+    resume = checkpoint.load(args.resume) if args.resume is not None else None
+    if resume is not None:  # read the text the way the checkpoint's text was read
+        norm = resume.normalization
         args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
     corpus = corpus_from_args(args)
     overrides = {name: value for name, value in vars(args).items() if name in OPTION_NAMES}
-    result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, init=args.init,
-                 **overrides)
+    result = fit(corpus, args.preset, progress=not args.no_progress, resume=resume, init=args.init, **overrides)
     if result.best_path:
         print(f"best checkpoint: {result.best_path}")
     return result

@@ -14,11 +14,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 
 from .errors import CharLSTMError
+
+
+class Batches(Protocol):
+    """What the trainer asks of a batcher: the batches of an epoch, from any batch on."""
+
+    @property
+    def num_targets(self) -> int:
+        """Characters predicted per epoch (the tutorial's "Total Patterns" for windows)."""
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+
+    def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(x, y)`` int64 batches; ``y`` is ``IGNORE_INDEX`` where there is nothing to predict."""
 
 
 def check_val_fraction(val_fraction: float) -> None:
@@ -62,6 +77,10 @@ class WindowBatches:
     @property
     def num_patterns(self) -> int:
         return len(self.ids) - self.window
+
+    @property
+    def num_targets(self) -> int:
+        return self.num_patterns  # one target per window
 
     def __len__(self) -> int:
         return math.ceil(self.num_patterns / self.batch_size)
@@ -166,6 +185,10 @@ class StatefulWindowBatches:
     @property
     def num_patterns(self) -> int:
         return len(self) * self.batch_size
+
+    @property
+    def num_targets(self) -> int:
+        return self.num_patterns  # one target per window
 
     def epoch(self, epoch: int = 0, start_batch: int = 0):
         for b in range(start_batch, len(self)):

@@ -35,13 +35,14 @@ from . import checkpoint
 from .baselines import Baseline, format_baselines, versus_best
 from .checkpoint import TrainedModel, seed_windows
 from .corpus import Corpus
-from .data import IGNORE_INDEX, SentenceBatches, StatefulWindowBatches, StreamBatches, WindowBatches, split_train_val
+from .data import (IGNORE_INDEX, Batches, SentenceBatches, StatefulWindowBatches, StreamBatches, WindowBatches,
+                   split_train_val)
 from .errors import CharLSTMError
 from .evaluate import LN2, compressor_baselines_for, score_after
 from .evaluate import evaluate_ids  # noqa: F401  (re-exported from its former home)
 from .finetune import load_init
 from .metrics import MetricsLog
-from .model import REGULARISATION_FIELDS, CharLSTM, ModelConfig, detach_state
+from .model import REGULARISATION_FIELDS, CharLSTM, ModelConfig, State, detach_state
 from .recipes import (FINE_TUNING, PRESETS, TrainConfig, _fine_tuning_preset, _finish_train_config, preset_configs,
                       split_overrides)
 from .records import BestEpoch, DataRecord, EpochRecord, Position, ResumeRecord, TrainingRecord
@@ -139,13 +140,13 @@ class Trainer:
                                     train_characters=int(len(self.train_ids)),
                                     val_characters=int(len(self.val_ids)), fingerprint=ids_fingerprint(ids))
         self.seed_windows = seed_windows(vocab, self.train_ids, model.config.window, config.seed)
-        self._stop_requested = False
-        self._eval_seconds: float | None = None
+        self._stop_requested = self._time_up = False
+        self.eval_seconds: float | None = None  # the last evaluation's time: the budget keeps it in reserve
         self._session_start = time.perf_counter()
         self._session_elapsed0 = 0.0
 
     # ---------------------------------------------------------------- set-up
-    def _make_batches(self):
+    def _make_batches(self) -> Batches:
         c, m = self.config, self.model.config
         if c.batching == "windows":
             if m.target != "last":
@@ -182,21 +183,20 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=c.lr)
 
     def summary_lines(self) -> list[str]:
-        n_patterns = getattr(self.batches, "num_patterns", None) or self.batches.num_targets
         return [
             f"Total Characters: {len(self.train_ids) + len(self.val_ids)}",
             f"Total Vocab: {len(self.vocab)}",
-            f"Total Patterns: {n_patterns}",
+            f"Total Patterns: {self.batches.num_targets}",
             f"Validation Characters: {len(self.val_ids)}",
             f"Parameters: {self.model.num_parameters():,}  device: {self.device}  "
             f"precision: {'bf16' if self.amp_dtype else 'fp32'}  threads: {torch.get_num_threads()}",
         ]
 
     # ---------------------------------------------------------------- resume
-    def restore(self, trained: TrainedModel, source: str | Path = "checkpoint") -> bool:
+    def restore(self, trained: TrainedModel) -> bool:
         """Continue from ``trained``; exact when it carries a resume record (``last.safetensors``),
         otherwise fine-tune its weights with a fresh optimiser and schedule. Returns exactness."""
-        record = trained.training.resume
+        record, source = trained.training.resume, trained.path or "the checkpoint"
         if record is None:
             self.log(f"fine-tuning {source}: it holds no optimiser state, so the optimiser and the "
                      f"schedule start fresh")
@@ -224,10 +224,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- schedule
     def elapsed(self) -> float:
+        """Seconds of training so far, over all sessions of the run."""
         return self._session_elapsed0 + time.perf_counter() - self._session_start
-
-    def _planned_steps(self) -> int:
-        return self.config.epochs * len(self.batches)
 
     def lr_at(self, step: int, elapsed: float) -> float:
         """Linear warm-up, then a cosine from ``lr`` down to ``lr * final_lr_fraction`` that ends
@@ -238,37 +236,38 @@ class Trainer:
         if c.schedule == "constant":
             return c.lr
         if c.time_budget:
-            progress = elapsed / max(c.time_budget - self._reserve_seconds(), 1e-9)
+            progress = elapsed / max(c.time_budget - self.reserve_seconds(), 1e-9)
         else:
-            progress = step / max(1, self._planned_steps())
+            progress = step / max(1, c.epochs * len(self.batches))
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return c.lr * (c.final_lr_fraction + (1 - c.final_lr_fraction) * cosine)
 
-    def _reserve_seconds(self) -> float:
+    def reserve_seconds(self) -> float:
         """Time kept free at the end of a budget for the last evaluation and checkpoint."""
-        if self._eval_seconds is None:
-            self._eval_seconds = self._estimate_eval_seconds()
-        return 1.2 * self._eval_seconds + 0.5
+        return 1.2 * (self.eval_seconds or 0.0) + 0.5
 
     def _estimate_eval_seconds(self) -> float:
         """Time a slice of the validation text (after one warm-up call that pays for kernel set-up)
-        and scale it; never more than a quarter of the budget, and replaced by the first real
-        evaluation's time."""
+        and scale it; never more than a quarter of the budget. Each real evaluation replaces it."""
         if not len(self.val_ids):
             return 0.0
         probe = self.val_ids[: min(len(self.val_ids), 512)]
-        self._evaluate_ids(probe[:64])
+        self._score(probe[:64])
         start = time.perf_counter()
-        self._evaluate_ids(probe)
+        self._score(probe)
         estimate = (time.perf_counter() - start) * len(self.val_ids) / len(probe)
         return min(estimate, 0.25 * (self.config.time_budget or math.inf))
 
     def _out_of_time(self) -> bool:
+        """Whether the budget, less the reserve, is spent; once it is, it stays so."""
         budget = self.config.time_budget
-        return budget is not None and self.elapsed() + self._reserve_seconds() >= budget
+        self._time_up = self._time_up or (budget is not None and self.elapsed() + self.reserve_seconds() >= budget)
+        return self._time_up
 
-    # ---------------------------------------------------------------- loop
+    # ---------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
+        """Train until the epochs, the time budget, ``patience`` or Ctrl-C end the run."""
+        # 1. say what is trained; the compressors' score on the validation text; start the clock
         for line in self.summary_lines():
             self.log(line)
         if len(self.val_ids) and not self.baselines:
@@ -276,16 +275,34 @@ class Trainer:
         if self.baselines:
             self.log(f"Compressor baselines on the validation text (bits/char): {format_baselines(self.baselines)}")
         result = TrainResult(trained=self._trained_model(), baselines=self.baselines)
-        self._session_start = time.perf_counter()
-        self._session_elapsed0 = self.position.elapsed
-        self._stop_requested = False
+        self._start_session()
         with _stop_on_first_interrupt(self):
             try:
-                self._loop(result)
+                while self.position.epoch <= self.config.epochs:
+                    # 2. train on the epoch's batches (what is left of them after a resume)
+                    self.train_epoch()
+                    # 3. Ctrl-C: save the exact position and stop
+                    if self._stop_requested:
+                        result.interrupted = True
+                        result.resume_path = self._save_resume()
+                        self.log(f"\nstopped at epoch {self.position.epoch}, batch {self.position.batch}; "
+                                 f"resume with --resume {result.resume_path}")
+                        break
+                    # 4. evaluate, log, keep the checkpoint if it improved, save the resume point
+                    record = self._end_epoch()
+                    result.resume_path = self._save_resume()
+                    # 5. stop early: no improvement for ``patience`` epochs, or the budget spent
+                    if self.config.patience and self.position.epochs_since_best >= self.config.patience:
+                        self.log(f"early stopping: no improvement in {self.config.patience} epochs")
+                        break
+                    if self._out_of_time():
+                        self.log(f"time budget of {self.config.time_budget:.0f} s reached after epoch {record.epoch}")
+                        break
             except KeyboardInterrupt:
                 result.interrupted = True
                 kept = self.position.best_path or "nothing saved yet"
                 self.log(f"\ninterrupted; the last good checkpoint is kept: {kept}")
+        # 6. hand back the best model
         result.history = self.history
         result.best_path = Path(self.position.best_path) if self.position.best_path else None
         result.trained = self._trained_model()
@@ -294,39 +311,28 @@ class Trainer:
         self._log_summary()
         return result
 
-    def _loop(self, result: TrainResult) -> None:
-        while self.position.epoch <= self.config.epochs:
-            outcome = self._train_epoch()
-            if outcome == "stopped":
-                result.interrupted = True
-                result.resume_path = self._save_resume()
-                self.log(f"\nstopped at epoch {self.position.epoch}, batch {self.position.batch}; "
-                         f"resume with --resume {result.resume_path}")
-                return
-            record = self._finish_epoch()
-            result.resume_path = self._save_resume()
-            if self.config.patience and self.position.epochs_since_best >= self.config.patience:
-                self.log(f"early stopping: no improvement in {self.config.patience} epochs")
-                return
-            if outcome == "out of time" or self._out_of_time():
-                self.log(f"time budget of {self.config.time_budget:.0f} s reached after epoch {record.epoch}")
-                return
+    def _start_session(self) -> None:
+        """Start this session's clock where the run left off; measure the evaluation reserve up front."""
+        self._session_start = time.perf_counter()
+        self._session_elapsed0 = self.position.elapsed
+        self._stop_requested = self._time_up = False
+        if self.config.time_budget:
+            self.eval_seconds = self._estimate_eval_seconds()
 
-    def _train_epoch(self) -> str:
-        """Train the rest of the current epoch: 'done', 'out of time' or 'stopped'."""
+    def train_epoch(self) -> None:
+        """Train on the rest of the current epoch; stops early on Ctrl-C or when time is up."""
         pos = self.position
         self.model.train()
         carried = self.config.carries_state
         state = self.carry if (carried and pos.batch) else None
         bar = tqdm(total=len(self.batches), initial=pos.batch, desc=f"Epoch {pos.epoch}",
                    disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
-        outcome = "done"
         with bar:
             for x, y in self.batches.epoch(pos.epoch, start_batch=pos.batch):
                 t0 = time.perf_counter()
                 lr = self.lr_at(pos.step, self.elapsed())
-                loss, state = self._train_step(x, y, state if carried else None, lr)
-                targets = int((y != IGNORE_INDEX).sum()) if self.config.batching == "sentences" else y.numel()
+                loss, state = self.train_step(x, y, state if carried else None, lr)
+                targets = int((y != IGNORE_INDEX).sum())  # padding is no target
                 pos.loss_sum += loss * targets
                 pos.targets += targets
                 pos.batch += 1
@@ -335,16 +341,13 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{pos.loss_sum / pos.targets:.4f}",
                                 chars_s=f"{pos.targets / max(pos.epoch_seconds, 1e-9):,.0f}", lr=f"{lr:.2e}")
-                if self._stop_requested:
-                    outcome = "stopped"
-                    break
-                if self._out_of_time():
-                    outcome = "out of time"
+                if self._stop_requested or self._out_of_time():
                     break
         pos.elapsed = self.elapsed()
-        return outcome
 
-    def _train_step(self, x, y, state, lr: float):
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, state: State | None, lr: float
+                   ) -> tuple[float, State]:
+        """One optimiser step on a batch at learning rate ``lr``; the loss and the state after it."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = x.to(self.device), y.to(self.device)
@@ -362,7 +365,7 @@ class Trainer:
         self.position.step += 1
         return loss.item(), detach_state(state)
 
-    def _finish_epoch(self) -> EpochRecord:
+    def _end_epoch(self) -> EpochRecord:
         """Evaluate, log, keep the checkpoint if it improved, print samples; then move on."""
         pos = self.position
         val_loss = self.evaluate() if len(self.val_ids) else None
@@ -393,11 +396,11 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean nats/char over every validation character, conditioned on the text before it."""
         start = time.perf_counter()
-        loss = self._evaluate_ids(self.val_ids)
-        self._eval_seconds = time.perf_counter() - start
+        loss = self._score(self.val_ids)
+        self.eval_seconds = time.perf_counter() - start
         return loss
 
-    def _evaluate_ids(self, ids: np.ndarray) -> float:
+    def _score(self, ids: np.ndarray) -> float:
         return score_after(self.model, self.train_ids, ids, self.amp_dtype)
 
     # ---------------------------------------------------------------- output
@@ -493,13 +496,14 @@ def train(
 
 
 def fit(corpus: Corpus, preset: str = "default", log: Callable[[str], None] = print,
-        progress: bool = True, resume: str | Path | None = None, init: str | Path | None = None,
+        progress: bool = True, resume: str | Path | TrainedModel | None = None, init: str | Path | None = None,
         **overrides) -> TrainResult:
     """Like ``train`` but returns the whole ``TrainResult`` (history, best path, interruption).
 
-    ``resume``: a checkpoint to continue from. ``last.safetensors`` continues exactly (same
-    settings unless overridden); any other checkpoint, e.g. an imported Keras model, is
-    fine-tuned with its own model settings and a fresh optimiser.
+    ``resume``: a checkpoint (its path, or the checkpoint loaded) to continue from.
+    ``last.safetensors`` continues exactly (same settings unless overridden); any other
+    checkpoint, e.g. an imported Keras model, is fine-tuned with its own model settings and a
+    fresh optimiser.
 
     ``init``: start from a pretrained model (``"english"``, the shipped base, or a checkpoint
     path) remapped onto this corpus's characters, with the preset's regularisation and the
@@ -510,7 +514,8 @@ def fit(corpus: Corpus, preset: str = "default", log: Callable[[str], None] = pr
     if init is not None:
         return _fit_from_init(corpus, init, preset, log, progress, overrides)
     if resume is not None:
-        return _fit_resumed(corpus, Path(resume), preset, log, progress, overrides)
+        trained = resume if isinstance(resume, TrainedModel) else checkpoint.load(resume)
+        return _fit_resumed(corpus, trained, preset, log, progress, overrides)
     vocab = Vocab.from_text(corpus.text)
     model_config, train_config = preset_configs(preset, len(vocab), **overrides)
     ids = vocab.encode(corpus.text)
@@ -541,8 +546,8 @@ def _fit_from_init(corpus: Corpus, init: str | Path, preset: str, log, progress:
     return trainer.fit()
 
 
-def _fit_resumed(corpus: Corpus, path: Path, preset: str, log, progress: bool, overrides: dict) -> TrainResult:
-    trained = checkpoint.load(path)
+def _fit_resumed(corpus: Corpus, trained: TrainedModel, preset: str, log, progress: bool,
+                 overrides: dict) -> TrainResult:
     model_over, train_over = split_overrides(overrides)
     model = _with_regularisation(trained.model, model_over)
     saved = trained.training.config
@@ -556,7 +561,7 @@ def _fit_resumed(corpus: Corpus, path: Path, preset: str, log, progress: bool, o
     ids = trained.vocab.encode(corpus.text)
     _check_length(ids, model.config, train_config)
     trainer = Trainer(model, trained.vocab, ids, train_config, corpus=corpus, log=log, progress=progress)
-    trainer.restore(trained, source=path)
+    trainer.restore(trained)
     return trainer.fit()
 
 
