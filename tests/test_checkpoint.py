@@ -61,9 +61,10 @@ def test_missing_file(tmp_path):
 def test_truncated_file(tmp_path):
     path = checkpoint.save(tmp_path / "m.safetensors", _trained())
     data = path.read_bytes()
-    for cut in (4, 100, len(data) // 2, len(data) - 3):
+    for cut, message in ((4, "too short"), (100, "truncated"), (len(data) // 2, "truncated"),
+                         (len(data) - 3, "truncated")):
         path.write_bytes(data[:cut])
-        with pytest.raises(CharLSTMError):
+        with pytest.raises(CharLSTMError, match=message):
             checkpoint.load(path)
 
 

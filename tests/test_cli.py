@@ -10,6 +10,7 @@ import pytest
 
 from charlstm import checkpoint
 from charlstm.cli import build_parser, main
+from charlstm.metrics import read_metrics
 from charlstm.recipes import OPTION_NAMES
 from charlstm.train import Trainer
 
@@ -25,16 +26,21 @@ def trained_dir(tmp_path_factory, small_text):
     return out
 
 
-def test_train_writes_keras_style_checkpoints_and_summary(trained_dir, small_text, capsys):
+def test_train_names_checkpoints_like_keras_by_their_epoch_and_loss(trained_dir):
+    rows = {row["epoch"]: row for row in read_metrics(trained_dir)}
+    assert sorted(rows) == [1, 2]
     names = sorted(p.name for p in trained_dir.glob("weights-improvement-*.safetensors"))
-    assert names and all(re.fullmatch(r"weights-improvement-0[12]-\d\.\d{4}\.safetensors", n) for n in names)
-    assert (trained_dir / "best.safetensors").is_file()
-    assert (trained_dir / "metrics.jsonl").read_text().count("\n") == 2
+    assert names and names[0].startswith("weights-improvement-01-")  # the first epoch always improves
+    for name in names:
+        epoch, loss = re.fullmatch(r"weights-improvement-(\d\d)-(\d\.\d{4})\.safetensors", name).groups()
+        assert loss == f"{rows[int(epoch)]['loss']:.4f}"  # the tutorial's recipe monitors the training loss
+    best = checkpoint.load(trained_dir / "best.safetensors").training
+    assert f"weights-improvement-{best.epoch:02d}-" in names[-1]
 
 
 def test_summary_lines_are_printed(tmp_path, small_text, capsys):
-    main(["train", "--preset", "tutorial-small", "--epochs", "1", "--text", str(small_text),
-          "-o", str(tmp_path), *TINY])
+    assert main(["train", "--preset", "tutorial-small", "--epochs", "1", "--text", str(small_text),
+                 "-o", str(tmp_path), *TINY]) == 0
     out = capsys.readouterr().out
     assert "Total Characters: 6000" in out and "Total Vocab: " in out
     assert "Total Patterns: 5380" in out  # 5400 training characters - window of 20
@@ -63,10 +69,12 @@ def test_generate_needs_only_the_checkpoint(trained_dir, small_text, capsys):
 
 def test_seed_makes_generation_reproducible(trained_dir, capsys):
     ckpt = str(trained_dir / "best.safetensors")
-    main(["generate", ckpt, "--seed", "3", "--temperature", "1.0", "--length", "200"])
+    assert main(["generate", ckpt, "--seed", "3", "--temperature", "1.0", "--length", "200"]) == 0
     first = capsys.readouterr().out
-    main(["generate", ckpt, "--seed", "3", "--temperature", "1.0", "--length", "200"])
+    assert main(["generate", ckpt, "--seed", "3", "--temperature", "1.0", "--length", "200"]) == 0
     assert capsys.readouterr().out == first
+    assert main(["generate", ckpt, "--seed", "4", "--temperature", "1.0", "--length", "200"]) == 0
+    assert capsys.readouterr().out != first
 
 
 def test_prime_and_length(trained_dir, capsys):
