@@ -104,6 +104,16 @@ class WindowBatches:
 class StreamBatches:
     """``batch_size`` contiguous streams cut into ``bptt``-long pieces; y is x shifted by one.
 
+    The text, after the epoch's offset, is cut into B equal streams, one per row; batch k is
+    columns k*bptt .. (k+1)*bptt of every row, so row i of batch k+1 continues row i of batch k
+    (B = 3, bptt = 3, one letter per character; y is the same one character later)::
+
+        text:  a b c d e f g h i j k l m n o p q r s
+        x:     a b c d e f      batch 0   batch 1
+               g h i j k l  ->  a b c     d e f
+               m n o p q r      g h i     j k l
+                                m n o     p q r
+
     With ``random_offset`` every epoch starts the streams at a different offset in
     ``[0, bptt)`` (drawn from ``seed`` and the epoch number), so the piece boundaries move from
     epoch to epoch instead of always cutting the text at the same places. The streams are

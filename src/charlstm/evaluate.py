@@ -115,7 +115,7 @@ def _window_losses(model: CharLSTM, full: torch.Tensor, first: int, chunk: int) 
 @contextmanager
 def one_cpu_thread(device: torch.device):
     """Reading one stream step by step is latency-bound: a second CPU thread only adds
-    synchronisation, which on a busy machine made it hundreds of times slower here."""
+    synchronisation, which costs most on a busy machine."""
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1:
         torch.set_num_threads(1)

@@ -2,8 +2,8 @@
 
 For one stream the arithmetic per character is two small matrix-vector products (2 x 256:
 0.8 M multiply-adds, 3 MB of weights), so time goes to everything around it: PyTorch's
-per-op dispatch (a dozen ops per layer, ~1,900 chars/s through ``nn.LSTM`` one step at a
-time), fresh tensors each step, and a BLAS gemv that streams these weights at about a third
+per-op dispatch (a dozen ops per layer through ``nn.LSTM`` one step at a time), fresh
+tensors each step, and a BLAS gemv that streams these weights at about a third
 of the cache bandwidth a plain loop reaches. The backends work on weights rearranged once
 (``LeanWeights``) and buffers allocated once:
 
@@ -289,7 +289,7 @@ class ModuleStepper(Stepper):
 def lean_supported(model: CharLSTM) -> bool:
     """Whether the lean backends implement this model's layers (gate and cell activations)."""
     cfg = model.config
-    return cfg.recurrent_activation in LEAN_GATES and getattr(cfg, "activation", "tanh") == "tanh"
+    return cfg.recurrent_activation in LEAN_GATES and cfg.activation == "tanh"
 
 
 

@@ -34,7 +34,6 @@ TARGETS = ("last", "all")
 # Gate and cell activations an LSTM may use (the names Keras configs give them; Keras 3 redefined
 # hard_sigmoid, so its version has a name of its own).
 ACTIVATIONS = ("sigmoid", "hard_sigmoid", "hard_sigmoid_keras3", "tanh", "relu", "linear")
-RECURRENT_ACTIVATIONS = ACTIVATIONS
 LIMITS = {"vocab_size": MAX_VOCAB, "layers": 64, "units": 16384, "embedding_dim": 16384, "window": 1_000_000}
 
 State = list[tuple[torch.Tensor, torch.Tensor]]
@@ -78,7 +77,7 @@ class ModelConfig:
             if not isinstance(value, int) or not 1 <= value <= limit:
                 raise CharLSTMError(f"model {name} must be an integer in [1, {limit}], not {value!r}")
         for name, allowed in (("input", INPUTS), ("target", TARGETS),
-                              ("recurrent_activation", RECURRENT_ACTIVATIONS), ("activation", ACTIVATIONS)):
+                              ("recurrent_activation", ACTIVATIONS), ("activation", ACTIVATIONS)):
             if getattr(self, name) not in allowed:
                 raise CharLSTMError(f"model {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if not isinstance(self.variational, bool):
@@ -161,6 +160,9 @@ class LoopLSTM(nn.Module):
 
 
 class CharLSTM(nn.Module):
+    """Input encoding -> stacked LSTM layers (dropout after each) -> a linear head giving the
+    next character's logits; ``forward`` reads whole sequences, ``step`` one character."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

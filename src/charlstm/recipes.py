@@ -143,8 +143,7 @@ def preset_configs(preset: str, vocab_size: int, **overrides) -> tuple[ModelConf
     model_over, train_over = split_overrides(overrides)
     model_kw.update(model_over)
     train_kw.update(train_over)
-    train = _finish_train_config(train_kw, train_over)
-    return ModelConfig(vocab_size=vocab_size, **model_kw), train
+    return ModelConfig(vocab_size=vocab_size, **model_kw), _finish_train_config(train_kw, train_over)
 
 
 # Every setting a run may override, by name: the fields of both configs (the vocabulary size comes

@@ -103,6 +103,10 @@ def ids_fingerprint(ids: np.ndarray, chunk: int = 1 << 24) -> str:
 
 
 class Trainer:
+    """Trains ``model`` on encoded text as ``config`` says: ``fit()`` runs the whole run
+    (epochs, evaluation, checkpoints, early stopping, time budget, Ctrl-C); ``restore()`` first
+    continues a saved one. ``position`` says where the run stands, ``history`` how it went."""
+
     def __init__(
         self,
         model: CharLSTM,
@@ -193,14 +197,14 @@ class Trainer:
         ]
 
     # ---------------------------------------------------------------- resume
-    def restore(self, trained: TrainedModel) -> bool:
+    def restore(self, trained: TrainedModel) -> None:
         """Continue from ``trained``; exact when it carries a resume record (``last.safetensors``),
-        otherwise fine-tune its weights with a fresh optimiser and schedule. Returns exactness."""
+        otherwise fine-tune its weights with a fresh optimiser and schedule."""
         record, source = trained.training.resume, trained.path or "the checkpoint"
         if record is None:
             self.log(f"fine-tuning {source}: it holds no optimiser state, so the optimiser and the "
                      f"schedule start fresh")
-            return False
+            return
         unpack_optimizer(self.optimizer, trained.extra, record.optimizer)
         if self.config.optimizer == "adamw":  # a changed --weight-decay wins over the saved one
             self.optimizer.param_groups[0]["weight_decay"] = self.config.weight_decay
@@ -216,7 +220,6 @@ class Trainer:
                      "training continues, but not as an exact continuation")
         self.log(f"resuming {source}: epoch {self.position.epoch}, batch {self.position.batch}, "
                  f"step {self.position.step}")
-        return True
 
     def request_stop(self) -> None:
         """Stop cleanly after the current batch (what the first Ctrl-C does)."""
@@ -587,6 +590,3 @@ def _check_length(ids: np.ndarray, model_config: ModelConfig, train_config: Trai
         raise CharLSTMError(f"the text has {len(ids)} characters: too short for a window of "
                             f"{model_config.window} and batch size {train_config.batch_size}")
 
-
-def with_overrides(config: TrainConfig, **changes) -> TrainConfig:
-    return replace(config, **{k: v for k, v in changes.items() if v is not None})
