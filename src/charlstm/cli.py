@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization
+from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization, check_encoding
 from .data import split_train_val
 from .dynamic_eval import DynamicConfig, dynamic_evaluate
 from .errors import CharLSTMError
@@ -25,6 +25,8 @@ from .generate import MODES, Generator, SamplingConfig
 from .keras_import import CHECK_CHARS, KERAS_ACTIVATIONS, ImportOptions, TextReading, import_keras, keras_stem
 from .metrics import plot_run
 from .model import INPUTS, TARGETS
+from .native import PRECISIONS as STEP_PRECISIONS
+from .prepare import PrepareConfig, prepare
 from .recipes import (BATCHINGS, MONITORS, OPTIMIZERS, OPTION_NAMES, PRECISIONS, PRESETS, SCHEDULES,
                       option_help)
 from .train import fit
@@ -73,6 +75,40 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-case", action="store_true", help="do not lowercase the text")
     g.add_argument("--strip-punctuation", action="store_true",
                    help="keep only letters, digits, marks, spaces and newlines")
+    _add_encoding_arg(g)
+
+
+def _add_encoding_arg(g) -> None:
+    g.add_argument("--encoding", default="utf-8", metavar="NAME",
+                   help="the text files' encoding (default utf-8; e.g. cp1252, latin-1, utf-16, gb18030)")
+
+
+def _add_prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="text files, folders (searched recursively, see --glob) or - for stdin")
+    p.add_argument("-o", "--output-dir", type=Path, required=True, metavar="DATA_DIR",
+                   help="folder for train.npy, val.npy, vocab.json and manifest.json")
+    p.add_argument("--glob", default="*.txt", help="file names to take from folders (default *.txt)")
+    g = p.add_argument_group("text")
+    g.add_argument("--gutenberg", type=int, action="append", default=[], metavar="ID",
+                   help="add Project Gutenberg book ID (repeatable)")
+    g.add_argument("--mirror", metavar="DIR|URL", help=f"offline copy of Gutenberg books; env {MIRROR_ENV}")
+    g.add_argument("--cache-dir", type=Path, help="where downloaded books are kept")
+    g.add_argument("--offline", action="store_true", help="never download; use the cache or mirror")
+    g.add_argument("--keep-case", action="store_true", help="do not lowercase the text")
+    g.add_argument("--strip-punctuation", action="store_true",
+                   help="keep only letters, digits, marks, spaces and newlines")
+    g.add_argument("--keep-gutenberg-boilerplate", action="store_true",
+                   help="do not cut Gutenberg headers and footers")
+    _add_encoding_arg(g)
+    g = p.add_argument_group("split and vocabulary")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="the last share of every document held out for validation (default 0.1)")
+    g.add_argument("--min-count", type=_positive_int, default=1, metavar="N",
+                   help="characters seen fewer times become one unknown symbol (U+FFFD)")
+    g.add_argument("--max-vocab", type=_positive_int, metavar="N",
+                   help="keep at most N symbols, the most frequent; the rest become the unknown symbol")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -161,6 +197,9 @@ def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True)
     if with_checkpoint:
         g.add_argument("--seed", type=int, dest="gen_seed", metavar="N", help="same as --sample-seed")
         g.add_argument("--device", default="cpu")
+        g.add_argument("--precision", choices=STEP_PRECISIONS, default="fp32",
+                       help="stateful step arithmetic: fp32 (exact, default) or bf16 (bf16 weights and "
+                            "products, fp32 sums and state; faster; see the README for how close)")
         g.add_argument("--threads", type=_positive_int,
                        help="CPU threads for PyTorch and for native batches of 32+ streams (default: PyTorch's)")
 
@@ -173,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(p)
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="files, folders or books -> memory-mapped ids for train --data")
+    _add_prepare_args(p)
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     _add_generate_args(p)
@@ -235,6 +278,7 @@ def _add_import_keras_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-bom", action="store_true", help="a leading byte-order mark counted as a character")
     g.add_argument("--universal-newlines", action="store_true", help="CRLF and CR were read as LF")
     g.add_argument("--bytes", action="store_true", help="one character per byte (Python 2)")
+    _add_encoding_arg(g)
     g = p.add_argument_group("what a weights-only file does not say (a full-model file's config wins "
                              "unless these are given)")
     g.add_argument("--window", type=_positive_int, help="input length in characters (default 100)")
@@ -251,9 +295,9 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
     if args.text and args.gutenberg is not None:
         raise CharLSTMError("give either --text or --gutenberg, not both")
     if args.text:
-        return Corpus.from_files(args.text, norm)
+        return Corpus.from_files(args.text, norm, encoding=args.encoding)
     return Corpus.gutenberg(args.gutenberg or DEFAULT_BOOK, norm, mirror=args.mirror,
-                            cache_dir=args.cache_dir, offline=args.offline)
+                            cache_dir=args.cache_dir, offline=args.offline, encoding=args.encoding)
 
 
 def _train(args: argparse.Namespace):
@@ -285,11 +329,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    norm = Normalization(lowercase=not args.keep_case, strip_punctuation=args.strip_punctuation,
+                         strip_gutenberg=not args.keep_gutenberg_boilerplate)
+    config = PrepareConfig(inputs=tuple(args.inputs), output_dir=args.output_dir, gutenberg=tuple(args.gutenberg),
+                           glob=args.glob, normalization=norm, encoding=args.encoding,
+                           val_fraction=args.val_fraction, min_count=args.min_count, max_vocab=args.max_vocab,
+                           mirror=args.mirror, cache_dir=args.cache_dir, offline=args.offline)
+    result = prepare(config, progress=not args.no_progress)
+    for line in result.summary_lines():
+        print(line)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     trained = checkpoint.load(args.checkpoint, device=args.device)
-    _print_generation(Generator(trained, device=args.device, backend=args.backend), args)
+    _print_generation(Generator(trained, device=args.device, backend=args.backend, precision=args.precision), args)
     return 0
 
 
@@ -373,8 +430,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_import_keras(args: argparse.Namespace) -> int:
+    check_encoding(args.encoding)
     reading = TextReading(lowercase=not args.keep_case, keep_bom=args.keep_bom,
-                          universal_newlines=args.universal_newlines, as_bytes=args.bytes)
+                          universal_newlines=args.universal_newlines, as_bytes=args.bytes, encoding=args.encoding)
     options = ImportOptions(reading=reading, window=args.window, activation=args.activation,
                             recurrent_activation=args.recurrent_activation, seed=args.seed,
                             check_chars=0 if args.no_check else CHECK_CHARS)
