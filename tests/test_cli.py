@@ -210,5 +210,5 @@ def test_training_options_are_the_config_fields():
     given = vars(build_parser().parse_args(["train"]))
     assert OPTION_NAMES & given.keys() == OPTION_NAMES - {"activation", "recurrent_activation"}  # Keras imports'
     cli_only = {"command", "func", "preset", "resume", "init", "no_progress", "text", "gutenberg", "mirror",
-                "cache_dir", "offline", "keep_case", "strip_punctuation", "encoding"}
+                "cache_dir", "offline", "keep_case", "strip_punctuation", "encoding", "data"}
     assert given.keys() - OPTION_NAMES == cli_only

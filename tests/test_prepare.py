@@ -138,3 +138,40 @@ def test_refusals_are_one_line(tmp_path, capsys):
     assert "no non-empty files" in capsys.readouterr().err
     with pytest.raises(CharLSTMError, match="run charlstm prepare first"):
         PreparedData.open(tmp_path / "empty")
+
+
+def test_chinese_text_end_to_end(tmp_path, capsys):
+    """prepare -> train --data -> generate -> evaluate -> info, on a real Chinese text with rare
+    characters folded into the unknown symbol."""
+    book = shared_file("seed", "tutorial.zh.md")
+    data, run = tmp_path / "zh", tmp_path / "run"
+    assert main(["prepare", str(book), "-o", str(data), "--min-count", "2", "--keep-case",
+                 "--keep-gutenberg-boilerplate", "--no-progress"]) == 0
+    assert main(["train", "--data", str(data), "--layers", "1", "--units", "32", "--embedding-dim", "16",
+                 "--batch-size", "8", "--bptt", "20", "--max-steps", "6", "--eval-every", "3", "--threads", "1",
+                 "--no-progress", "-o", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run / "best.safetensors"), "--prime", "循环神经网络", "--length", "30",
+                 "--temperature", "1", "--seed", "1"]) == 0
+    generated = capsys.readouterr().out
+    assert '"循环神经网络"' in generated and len(generated.split('"循环神经网络"')[1].strip()) >= 20
+    assert main(["evaluate", str(run / "best.safetensors"), "--text", str(book)]) == 0
+    assert "bits/char" in capsys.readouterr().out
+    assert main(["info", str(run / "best.safetensors")]) == 0
+    info = capsys.readouterr().out
+    assert "unknown symbol '\ufffd'" in info and "more" in info  # a large alphabet is shown shortened
+
+
+def test_worker_processes_write_the_same_files(library, tmp_path, monkeypatch):
+    import charlstm.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "WORKER_MIN_BYTES", 0)  # the library is small: force the pool
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        prepare(PrepareConfig(inputs=(str(library),), output_dir=out, workers=workers, min_count=3), progress=False)
+        outputs.append(PreparedData.open(out))
+    one, two = outputs
+    assert np.array_equal(one.train_ids, two.train_ids) and np.array_equal(one.val_ids, two.val_ids)
+    assert one.vocab == two.vocab and one.vocab.unknown_char == UNKNOWN_CHAR
+    assert one.manifest["sources"] == two.manifest["sources"]

@@ -56,7 +56,8 @@ class TrainedModel:
             f"checkpoint: {path}",
             "model: " + ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items()),
             f"parameters: {self.model.num_parameters():,}",
-            f"vocabulary: {len(self.vocab)} characters {''.join(self.vocab.chars)!r}",
+            f"vocabulary: {len(self.vocab)} characters {_shown_chars(self.vocab.chars)}"
+            + (f", unknown symbol {self.vocab.unknown_char!r}" if self.vocab.unknown_char else ""),
             "normalization: " + ", ".join(f"{k}={v}" for k, v in self.normalization.to_dict().items()),
             *self.training.info_lines(path),
         ]
@@ -71,6 +72,12 @@ class TrainedModel:
             "training": self.training.to_json(),
             "seed_windows": self.seed_windows,
         }
+
+
+def _shown_chars(chars: tuple[str, ...], limit: int = 200) -> str:
+    """All of a small alphabet; the start of a large one (a CJK vocabulary has thousands)."""
+    shown = "".join(chars[:limit])
+    return repr(shown) + (f" and {len(chars) - limit:,} more" if len(chars) > limit else "")
 
 
 def seed_windows(vocab: Vocab, ids: np.ndarray, window: int, seed: int, count: int = SEED_WINDOWS) -> list[str]:

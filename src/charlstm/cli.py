@@ -6,6 +6,7 @@ Every mistake a user can make ends in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import sys
@@ -24,9 +25,10 @@ from .finetune import resolve_init
 from .generate import MODES, Generator, SamplingConfig
 from .keras_import import CHECK_CHARS, KERAS_ACTIVATIONS, ImportOptions, TextReading, import_keras, keras_stem
 from .metrics import plot_run
+from .distributed import Distributed
 from .model import INPUTS, TARGETS
 from .native import PRECISIONS as STEP_PRECISIONS
-from .prepare import PrepareConfig, prepare
+from .prepare import PrepareConfig, PreparedData, prepare
 from .recipes import (BATCHINGS, MONITORS, OPTIMIZERS, OPTION_NAMES, PRECISIONS, PRESETS, SCHEDULES,
                       option_help)
 from .train import fit
@@ -108,6 +110,8 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="characters seen fewer times become one unknown symbol (U+FFFD)")
     g.add_argument("--max-vocab", type=_positive_int, metavar="N",
                    help="keep at most N symbols, the most frequent; the rest become the unknown symbol")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="processes for corpora of many files (default: up to 2, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -159,6 +163,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     option("sample_temperatures", type=_temperatures, metavar="T,T,...")
     option("sample_length", type=_positive_int)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("prepared data and long runs (torchrun starts several processes: DDP)")
+    g.add_argument("--data", type=Path, metavar="DATA_DIR",
+                   help="train on a folder written by charlstm prepare (memory-mapped; instead of --text)")
+    option("val_chars", type=int, metavar="N")
+    option("eval_every", type=int, metavar="STEPS")
+    option("save_every", type=int, metavar="STEPS")
+    option("max_steps", type=int, metavar="N")
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -255,11 +266,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_keras_args(p)
     p.set_defaults(func=cmd_import_keras)
 
+    p = sub.add_parser("serve", help="serve checkpoints over HTTP: OpenAI-style API and a page (pip install "
+                                     "'charlstm[serve]')")
+    _add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("plot", help="PNG of training and validation loss per epoch of a run")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the training output folder (holds metrics.jsonl)")
     p.add_argument("-o", "--output", type=Path, help="PNG file (default RUN_DIR/loss.png)")
     p.set_defaults(func=cmd_plot)
     return parser
+
+
+SERVE_LIMITS = (  # ServeConfig field, type, what it bounds
+    ("max_length", _positive_int, "default and ceiling of max_tokens, in characters"),
+    ("max_concurrent", _positive_int, "streams generated together per model"),
+    ("max_queue", int, "streams waiting for a place; beyond that 429"),
+    ("max_prompt", _positive_int, "characters per prompt"),
+    ("max_body", _positive_int, "bytes per request body"),
+    ("max_choices", _positive_int, "n x prompts per request"),
+    ("max_stop", _positive_int, "stop strings per request"),
+    ("max_logprobs", int, "alternatives per character in logprobs"),
+    ("max_score_chars", _positive_int, "characters per /v1/score text"),
+    ("request_timeout", float, "seconds per request"),
+)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from .serve import ServeConfig
+
+    d = ServeConfig()
+    p.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT|DIR",
+                   help="checkpoint files, or folders whose *.safetensors are all served (named by file stem)")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host}: this machine only)")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 = any free port)")
+    p.add_argument("--api-key", default=os.environ.get("CHARLSTM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ routes (default: env CHARLSTM_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="step path (as for generate)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch and the native kernel")
+    g = p.add_argument_group("limits")
+    for name, kind, text in SERVE_LIMITS:
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                       help=f"{text} (default {getattr(d, name)})")
+
 
 
 def _add_import_keras_args(p: argparse.ArgumentParser) -> None:
@@ -303,14 +354,25 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
 def _train(args: argparse.Namespace):
     if args.init is not None:
         resolve_init(args.init)  # a missing model is reported before the text is read
-    resume = checkpoint.load(args.resume) if args.resume is not None else None
-    if resume is not None:  # read the text the way the checkpoint's text was read
-        norm = resume.normalization
-        args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
-    corpus = corpus_from_args(args)
+    data, resume = getattr(args, "data", None), None
+    if data is not None:
+        if args.text or args.gutenberg is not None:
+            raise CharLSTMError("give either --data DIR or a text (--text/--gutenberg), not both")
+        data = PreparedData.open(data)  # a bad folder is reported before any process group forms
+    if args.resume is not None:
+        resume = checkpoint.load(args.resume)
+        if data is None:  # read the text the way the checkpoint's text was read
+            norm = resume.normalization
+            args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
+    corpus = corpus_from_args(args) if data is None else None
     overrides = {name: value for name, value in vars(args).items() if name in OPTION_NAMES}
-    result = fit(corpus, args.preset, progress=not args.no_progress, resume=resume, init=args.init, **overrides)
-    if result.best_path:
+    dist = Distributed.from_env(args.device or "auto")
+    try:
+        result = fit(corpus, args.preset, progress=not args.no_progress, resume=resume, init=args.init,
+                     data=data, dist=dist, **overrides)
+    finally:
+        dist.close()
+    if result.best_path and dist.is_main:
         print(f"best checkpoint: {result.best_path}")
     return result
 
@@ -335,7 +397,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     config = PrepareConfig(inputs=tuple(args.inputs), output_dir=args.output_dir, gutenberg=tuple(args.gutenberg),
                            glob=args.glob, normalization=norm, encoding=args.encoding,
                            val_fraction=args.val_fraction, min_count=args.min_count, max_vocab=args.max_vocab,
-                           mirror=args.mirror, cache_dir=args.cache_dir, offline=args.offline)
+                           mirror=args.mirror, cache_dir=args.cache_dir, offline=args.offline,
+                           workers=args.workers or 0)
     result = prepare(config, progress=not args.no_progress)
     for line in result.summary_lines():
         print(line)
@@ -422,6 +485,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     for line in trained.info_lines(args.checkpoint):
         print(line)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, find_checkpoints, run_server
+
+    config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, cors_origins=tuple(args.cors_origin),
+                         backend=args.backend, **{name: getattr(args, name) for name, _, _ in SERVE_LIMITS})
+    config.validate()
+    files = find_checkpoints(args.checkpoints)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return run_server(files, config)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -149,13 +149,18 @@ class BatchSampler:
 
     def pick(self, logits: np.ndarray, step: int) -> np.ndarray:
         """logits (B, V) -> ids (B,), using random number ``step`` of each sampled stream."""
+        return self.pick_with(logits, self._uniform(step))
+
+    def pick_with(self, logits: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        """logits (B, V) -> ids (B,), each stream drawing with its given random number in [0, 1)
+        (for streams that are at different steps, as in a server's continuous batch)."""
         chosen = logits.argmax(axis=1) if self.any_greedy else np.empty(self.size, dtype=np.int64)
         for group, draw in ((self.plain, self.plain_draw), (self.filtered, self._filtered_draw)):
             if group.everyone:
-                return draw(logits, group.inverse_temperature, self._uniform(step))
+                return draw(logits, group.inverse_temperature, uniforms)
             if len(group.rows):
                 rows = group.rows
-                chosen[rows] = draw(logits[rows], group.inverse_temperature, self._uniform(step)[rows])
+                chosen[rows] = draw(logits[rows], group.inverse_temperature, uniforms[rows])
         return chosen
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
@@ -330,7 +335,7 @@ class Generator:
             seeds = [base + i for i in range(len(samplings))]
         if any(not s for s in stop):
             raise CharLSTMError("a stop string must not be empty")
-        sampler = BatchSampler(samplings, seeds, self._plain_draw())
+        sampler = self.sampler(samplings, seeds)
         mode = self.resolve_mode(mode)
         ids = self.prepare_prime(prime, prime_unknown)
         yield from self._run(ids, length, sampler, mode, [StopMatcher(stop) for _ in samplings])
@@ -351,6 +356,10 @@ class Generator:
         rest = [m.flush() for m in matchers]
         if any(rest):
             yield rest
+
+    def sampler(self, samplings: Sequence[SamplingConfig], seeds: Sequence[int]) -> BatchSampler:
+        """A sampler for these streams, with the C temperature sampler where it is loaded."""
+        return BatchSampler(samplings, seeds, self._plain_draw())
 
     def stepper(self, batch_size: int) -> Stepper:
         """A stepper for this model on the chosen backend (weights rearranged once, kept)."""

@@ -17,9 +17,11 @@ footer found per file (searched in the file's first and last bytes for big files
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -35,7 +37,7 @@ from .corpus import (Normalization, check_encoding, fetch_gutenberg, gutenberg_s
                      refuse_binary, strip_punctuation, undecodable)
 from .errors import CharLSTMError
 from .fileio import atomic_write_bytes
-from .vocab import UNKNOWN_CHAR, Vocab, id_dtype
+from .vocab import UNKNOWN_CHAR, Vocab
 
 FORMAT = "charlstm-prepared"
 FORMAT_VERSION = 1
@@ -43,6 +45,10 @@ TRAIN_FILE, VAL_FILE, VOCAB_FILE, MANIFEST_FILE = "train.npy", "val.npy", "vocab
 CHUNK_BYTES = 4 << 20
 CODE_POINTS = 0x110000
 STDIN = "-"
+
+
+def _ignore(n: int) -> None:
+    """Progress callback for worker processes: the parent moves the bar per document."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class PrepareConfig:
     min_count: int = 1
     max_vocab: int | None = None
     chunk_bytes: int = CHUNK_BYTES
+    workers: int = 0                   # processes for big multi-file corpora, 0 = up to 2 (the cores)
     mirror: str | None = None
     cache_dir: Path | None = None
     offline: bool = False
@@ -137,19 +144,22 @@ def prepare(config: PrepareConfig, progress: bool = True, log: Callable[[str], N
         sources = resolve_sources(config, Path(scratch))
         started = time.perf_counter()
         total = sum(s.path.stat().st_size for s in sources)
-        with _progress(total, "1/2 counting", progress) as bar:
-            counts = np.zeros(CODE_POINTS, dtype=np.int64)
+        with _workers(config, sources, total) as pool:
+            with _progress(total, "1/2 counting", progress) as bar:
+                counts = np.zeros(CODE_POINTS, dtype=np.int64)
+                tasks = [(source, config) for source in sources]
+                for i, (counted, codes, hits) in enumerate(_run(pool, _count_source, tasks, bar)):
+                    sources[i] = counted
+                    counts[codes] += hits
+            vocab, kept_counts, unknown = build_vocab(counts, config.min_count, config.max_vocab)
             for source in sources:
-                _count_source(source, config, counts, bar.update)
-        vocab, kept_counts, unknown = build_vocab(counts, config.min_count, config.max_vocab)
-        for source in sources:
-            source.val_characters = _val_share(source.characters, config.val_fraction)
-        n_val = sum(s.val_characters for s in sources)
-        n_train = sum(s.characters for s in sources) - n_val
-        if n_train < 2:
-            raise CharLSTMError("the sources hold no text after cleaning")
-        with _progress(total, "2/2 encoding", progress) as bar:
-            _write_ids(sources, config, vocab, n_train, n_val, Path(scratch), bar.update)
+                source.val_characters = _val_share(source.characters, config.val_fraction)
+            n_val = sum(s.val_characters for s in sources)
+            n_train = sum(s.characters for s in sources) - n_val
+            if n_train < 2:
+                raise CharLSTMError("the sources hold no text after cleaning")
+            with _progress(total, "2/2 encoding", progress) as bar:
+                _write_ids(sources, config, vocab, n_train, n_val, Path(scratch), pool, bar)
         seconds = time.perf_counter() - started
     result = PrepareResult(config.output_dir, vocab, kept_counts, sources, n_train, n_val, unknown, seconds, total)
     _write_metadata(result, config)
@@ -270,19 +280,27 @@ class _ChunkCleaner:
         self.path, self.encoding, self.norm = path, encoding, norm
         self.decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
         self.skip_bom, self.fed, self.held_cr, self.last_code = skip_bom, first_offset, False, -1
+        # CR and LF bytes never occur inside a character of an ASCII-compatible encoding, so
+        # line ends are fixed on the bytes, before decoding (bytes.replace is the fastest way)
+        self.byte_newlines = _ascii_compatible(encoding)
 
     def feed(self, raw: bytes, final: bool = False) -> np.ndarray:
         pending = self._pending_bytes()
+        original = raw
+        if self.byte_newlines:
+            raw = self._byte_newlines(raw, final)
         try:
             text = self.decoder.decode(raw, final=final)
-        except UnicodeDecodeError as err:
-            raise undecodable(self.path, self.encoding, self.fed - pending + err.start) from None
-        self.fed += len(raw)
+        except UnicodeDecodeError:
+            raise undecodable(self.path, self.encoding, self._error_offset(pending, original, final)) from None
+        self.fed += len(original)
         if self.skip_bom and text:
             text, self.skip_bom = text.lstrip("\ufeff"), False
         if self.norm.lowercase and ("\u0130" in text or "\u03a3" in text):
             text = text.lower()  # the two context- or length-changing lowercasings: str does them
-        codes = self._newlines(text_codes(text), final)
+        codes = text_codes(text)
+        if not self.byte_newlines:
+            codes = self._newlines(codes, final)
         if self.norm.lowercase or self.norm.strip_punctuation:
             tables = char_tables(_table_size(codes))
             if codes.dtype == np.uint8:  # ASCII stays ASCII under both
@@ -297,6 +315,22 @@ class _ChunkCleaner:
 
     def finish(self) -> np.ndarray:
         return self.feed(b"", final=True)
+
+    def _byte_newlines(self, raw: bytes, final: bool) -> bytes:
+        if self.held_cr:
+            raw = b"\r" + raw
+        self.held_cr = raw.endswith(b"\r") and not final
+        if self.held_cr:
+            raw = raw[:-1]
+        return raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+    def _error_offset(self, pending: bytes, original: bytes, final: bool) -> int:
+        """The file offset of the first undecodable byte (the bytes decoded had CRs removed)."""
+        try:
+            codecs.getincrementaldecoder(self.encoding)(errors="strict").decode(pending + original, final=final)
+        except UnicodeDecodeError as err:
+            return self.fed - len(pending) + err.start
+        return self.fed
 
     def _newlines(self, codes: np.ndarray, final: bool) -> np.ndarray:
         """CRLF -> LF, lone CR -> LF, across chunk boundaries."""
@@ -314,9 +348,9 @@ class _ChunkCleaner:
         codes[cr] = 10
         return np.delete(codes, before_lf)
 
-    def _pending_bytes(self) -> int:
+    def _pending_bytes(self) -> bytes:
         state = self.decoder.getstate()
-        return len(state[0]) if isinstance(state, tuple) and isinstance(state[0], bytes) else 0
+        return state[0] if isinstance(state, tuple) and isinstance(state[0], bytes) else b""
 
 
 def text_codes(text: str) -> np.ndarray:
@@ -361,16 +395,21 @@ def char_tables(size: int) -> CharTables:
 # ----------------------------------------------------------------------- pass 1: counting
 
 
-def _count_source(source: Source, config: PrepareConfig, counts: np.ndarray, on_bytes) -> None:
-    hasher = hashlib.sha256()
+def _count_source(source: Source, config: PrepareConfig, on_bytes=_ignore) -> tuple[Source, np.ndarray, np.ndarray]:
+    """Pass 1 for one document: its size, hash, book range, length and character counts (as
+    the code points seen and how often: small to send back from a worker process)."""
+    hasher, counts = hashlib.sha256(), np.zeros(256, dtype=np.int64)
     for codes in iter_clean_codes(source, config, on_bytes, hasher):
-        if codes.dtype == np.uint8:
-            counts[:128] += np.bincount(codes, minlength=128)
-        else:
-            hist = np.bincount(codes)
-            counts[:len(hist)] += hist
         source.characters += len(codes)
+        hist = np.bincount(codes, minlength=256 if codes.dtype == np.uint8 else 0)
+        if len(hist) > len(counts):
+            hist[:len(counts)] += counts
+            counts = hist
+        else:
+            counts[:len(hist)] += hist
     source.bytes, source.sha256 = source.path.stat().st_size, hasher.hexdigest()
+    seen = np.flatnonzero(counts)
+    return source, seen, counts[seen]
 
 
 def build_vocab(counts: np.ndarray, min_count: int = 1, max_vocab: int | None = None) -> tuple[Vocab, dict[str, int], int]:
@@ -408,28 +447,79 @@ def _val_share(characters: int, val_fraction: float) -> int:
 
 
 def _write_ids(sources: list[Source], config: PrepareConfig, vocab: Vocab, n_train: int, n_val: int,
-               scratch: Path, on_bytes) -> None:
-    """Encode every document; its first part goes to train.npy, its last to val.npy."""
-    dtype = vocab.dtype
-    table = vocab.code_table()
-    tmp = {name: scratch / name for name in (TRAIN_FILE, VAL_FILE)}
-    with open(tmp[TRAIN_FILE], "wb") as train_out, open(tmp[VAL_FILE], "wb") as val_out:
-        _write_npy_header(train_out, dtype, n_train)
-        _write_npy_header(val_out, dtype, n_val)
-        for source in sources:
-            to_train = source.characters - source.val_characters
-            written = 0
-            for codes in iter_clean_codes(source, config, on_bytes):
-                ids = table[codes]
-                cut = min(max(to_train - written, 0), len(ids))
-                train_out.write(memoryview(ids[:cut]))
-                val_out.write(memoryview(ids[cut:]))
-                written += len(ids)
-            if written != source.characters:  # the file changed between the two passes
-                raise CharLSTMError(f"{source.name}: changed while being prepared ({source.characters:,} "
-                                    f"characters, then {written:,}); run prepare again")
-    for name, path in tmp.items():
+               scratch: Path, pool, bar) -> None:
+    """Encode every document; its first part goes to train.npy, its last to val.npy. Each
+    document's place in both files is known from pass 1, so workers write side by side."""
+    files = {name: scratch / name for name in (TRAIN_FILE, VAL_FILE)}
+    starts = {}
+    for name, length in ((TRAIN_FILE, n_train), (VAL_FILE, n_val)):
+        with open(files[name], "wb") as handle:
+            _write_npy_header(handle, vocab.dtype, length)
+            starts[name] = handle.tell()
+            handle.truncate(starts[name] + length * vocab.dtype.itemsize)
+    tasks, at = [], dict(starts)
+    for source in sources:
+        n_val_doc = source.val_characters
+        tasks.append((source, config, vocab, str(files[TRAIN_FILE]), at[TRAIN_FILE], str(files[VAL_FILE]), at[VAL_FILE]))
+        at[TRAIN_FILE] += (source.characters - n_val_doc) * vocab.dtype.itemsize
+        at[VAL_FILE] += n_val_doc * vocab.dtype.itemsize
+    for source, written in zip(sources, _run(pool, _encode_source, tasks, bar)):
+        if written != source.characters:  # the file changed between the two passes
+            raise CharLSTMError(f"{source.name}: changed while being prepared ({source.characters:,} "
+                                f"characters, then {written:,}); run prepare again")
+    for name, path in files.items():
         os.replace(path, config.output_dir / name)
+
+
+def _encode_source(source: Source, config: PrepareConfig, vocab: Vocab, train_path: str, train_at: int,
+                   val_path: str, val_at: int, on_bytes=_ignore) -> int:
+    """Pass 2 for one document: its ids written at its places in train.npy and val.npy."""
+    table, to_train, written = vocab.code_table(), source.characters - source.val_characters, 0
+    with open(train_path, "r+b") as train_out, open(val_path, "r+b") as val_out:
+        train_out.seek(train_at)
+        val_out.seek(val_at)
+        for codes in iter_clean_codes(source, config, on_bytes):
+            ids = table[codes]
+            cut = min(max(to_train - written, 0), len(ids))
+            train_out.write(memoryview(ids[:cut]))
+            val_out.write(memoryview(ids[cut:]))
+            written += len(ids)
+    return written
+
+
+# ----------------------------------------------------------------------- worker processes
+
+
+WORKER_MIN_BYTES = 16 << 20  # below this, starting processes costs more than it saves
+
+
+@contextlib.contextmanager
+def _workers(config: PrepareConfig, sources: list[Source], total: int):
+    """A pool of forked worker processes, one document per task, or None to work in-process
+    (one document, small corpora, one core, or no fork on this platform)."""
+    wanted = config.workers or min(2, os.cpu_count() or 1)
+    if wanted < 2 or len(sources) < 2 or total < WORKER_MIN_BYTES or "fork" not in mp.get_all_start_methods():
+        yield None
+        return
+    with mp.get_context("fork").Pool(min(wanted, len(sources))) as pool:
+        yield pool
+
+
+def _run(pool, function, tasks: list[tuple], bar):
+    """``function(*task)`` for every task, results in order; in-process the progress bar moves
+    chunk by chunk, with workers document by document."""
+    if pool is None:
+        for task in tasks:
+            yield function(*task, on_bytes=bar.update)
+        return
+    for task, result in zip(tasks, pool.imap(_call, [(function, task) for task in tasks])):
+        bar.update(task[0].path.stat().st_size)
+        yield result
+
+
+def _call(job):
+    function, task = job
+    return function(*task)
 
 
 def _write_npy_header(handle: BinaryIO, dtype: np.dtype, length: int) -> None:
@@ -507,6 +597,11 @@ class PreparedData:
     @property
     def sources(self) -> list[str]:
         return [s.get("name", "?") for s in self.manifest.get("sources", [])]
+
+    @property
+    def fingerprint(self) -> str:
+        """Names the data without reading it: the manifest (sources' SHA-256, cleaning, split)."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _read_json(path: Path, hint: str) -> dict:

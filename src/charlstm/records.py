@@ -17,6 +17,7 @@ class EpochRecord:
     elapsed: float
     lr: float
     step: int = 0
+    batch: int = 0  # 0: the end of the epoch; else an --eval-every evaluation after this batch
 
     @property
     def val_bpc(self) -> float | None:
@@ -62,15 +63,18 @@ class ResumeRecord:
     optimizer: dict               # optimiser type and param groups (``pack_optimizer``)
     rng: dict                     # generator positions (``pack_rng``)
     fingerprint: str | None = None  # hash of the encoded text, to warn when it changed
+    world_size: int = 1           # processes of the run (DDP)
+    ranks: list[dict] = field(default_factory=list)  # ranks 1..: their generators' JSON and loss sums
 
     def to_json(self) -> dict:
         return {"position": self.position.to_dict(), "optimizer": self.optimizer, "rng": self.rng,
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint, "world_size": self.world_size, "ranks": self.ranks}
 
     @classmethod
     def from_json(cls, data: dict) -> "ResumeRecord":
         return cls(Position.from_dict(_mapping(data.get("position", {}))), _mapping(data.get("optimizer", {})),
-                   _mapping(data.get("rng", {})), data.get("fingerprint"))
+                   _mapping(data.get("rng", {})), data.get("fingerprint"), int(data.get("world_size", 1)),
+                   [_mapping(r) for r in data.get("ranks", [])])
 
 
 @dataclass
@@ -82,6 +86,7 @@ class DataRecord:
     train_characters: int = 0
     val_characters: int = 0
     fingerprint: str | None = None
+    prepared: str | None = None   # the ``charlstm prepare`` folder, when trained on one
     other: dict = field(default_factory=dict)  # what other writers (scripts/train_base.py) add
 
     def to_json(self) -> dict:

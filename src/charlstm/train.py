@@ -36,12 +36,14 @@ from .baselines import Baseline, format_baselines, versus_best
 from .checkpoint import TrainedModel, seed_windows
 from .corpus import Corpus
 from .data import (IGNORE_INDEX, Batches, SentenceBatches, StatefulWindowBatches, StreamBatches, WindowBatches,
-                   split_train_val)
+                   fixed_sample, split_train_val)
+from .distributed import Distributed
 from .errors import CharLSTMError
 from .evaluate import LN2, compressor_baselines_for, score_after
 from .evaluate import evaluate_ids  # noqa: F401  (re-exported from its former home)
 from .finetune import load_init
 from .metrics import MetricsLog
+from .prepare import PreparedData
 from .model import REGULARISATION_FIELDS, CharLSTM, ModelConfig, State, detach_state
 from .recipes import (FINE_TUNING, PRESETS, TrainConfig, _fine_tuning_preset, _finish_train_config, preset_configs,
                       split_overrides)
@@ -51,6 +53,11 @@ from .vocab import Vocab
 
 BEST_NAME = "best.safetensors"
 RESUME_NAME = "last.safetensors"
+RANK_PREFIX = "rank"          # last.safetensors: the other ranks' random-generator states
+
+
+def _silent(message: str) -> None:
+    """Ranks other than 0 print nothing."""
 
 
 @dataclass
@@ -117,22 +124,34 @@ class Trainer:
         log: Callable[[str], None] = print,
         progress: bool = True,
         init: dict | None = None,
+        val_ids: np.ndarray | None = None,
+        data: PreparedData | None = None,
+        dist: Distributed = Distributed(),
     ) -> None:
+        """``ids`` is split by ``val_fraction`` unless ``val_ids`` are given (prepared data,
+        memory-mapped and never read whole); ``dist`` makes this one rank of a DDP run."""
         config.validate()
         self.init = init  # where the weights started: the --init record, kept in every checkpoint
         self.config = config
         self.vocab = vocab
-        self.log = log
-        self.progress = progress
-        self.normalization = corpus.normalization if corpus else None
+        self.dist = dist
+        self.log = log if dist.is_main else _silent
+        self.progress = progress and dist.is_main
+        self.normalization = corpus.normalization if corpus else (data.normalization if data else None)
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.device = pick_device(config.device)
+        self.device = pick_device(dist.device_name(config.device))
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         torch.manual_seed(config.seed)
         self.model = model.to(self.device)
-        self.train_ids, self.val_ids = split_train_val(ids, config.val_fraction)
+        if val_ids is None:
+            self.train_ids, self.val_ids = split_train_val(ids, config.val_fraction)
+        else:
+            self.train_ids, self.val_ids = ids, val_ids
+        if config.val_chars:
+            self.val_ids = fixed_sample(self.val_ids, config.val_chars)
         self.batches = self._make_batches()
+        self.ddp = self._wrap_distributed()
         self.optimizer = self._make_optimizer()
         self.position = Position()
         self.carry = None
@@ -140,9 +159,13 @@ class Trainer:
         self.baselines: list[Baseline] = []
         self.output_dir = Path(config.output_dir)
         self.metrics = MetricsLog(self.output_dir)
-        self.data_info = DataRecord(sources=list(corpus.sources) if corpus else [], characters=int(len(ids)),
-                                    train_characters=int(len(self.train_ids)),
-                                    val_characters=int(len(self.val_ids)), fingerprint=ids_fingerprint(ids))
+        self.data_info = DataRecord(
+            sources=list(corpus.sources) if corpus else (data.sources if data else []),
+            characters=int(len(self.train_ids) + len(self.val_ids)), train_characters=int(len(self.train_ids)),
+            val_characters=int(len(self.val_ids)),
+            # a prepared folder is named by its manifest (sources' SHA-256): no pass over the ids
+            fingerprint=data.fingerprint if data else ids_fingerprint(ids),
+            prepared=str(data.directory) if data else None)
         self.seed_windows = seed_windows(vocab, self.train_ids, model.config.window, config.seed)
         self._stop_requested = self._time_up = False
         self.eval_seconds: float | None = None  # the last evaluation's time: the budget keeps it in reserve
@@ -161,9 +184,25 @@ class Trainer:
         if m.target != "all":
             raise CharLSTMError(f"--batching {c.batching} needs a model that predicts every position: "
                                 f"use --target all")
+        if self.dist.active and c.batching != "streams":
+            raise CharLSTMError("distributed training shards contiguous streams: use --batching streams")
         if c.batching == "sentences":
             return self._sentence_batches()
-        return StreamBatches(self.train_ids, c.batch_size, c.bptt, random_offset=c.random_offset, seed=c.seed)
+        return StreamBatches(self.train_ids, c.batch_size, c.bptt, random_offset=c.random_offset, seed=c.seed,
+                             shard=(self.dist.rank, self.dist.world_size))
+
+    def _wrap_distributed(self) -> torch.nn.Module:
+        """DDP averages the gradients of the ranks' equal shares of the batch, which is the
+        gradient of the whole batch; dropout masks differ by rank (rank 0 keeps the seed's)."""
+        if not self.dist.active:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        if self.dist.rank:
+            torch.manual_seed(self.config.seed + 7919 * self.dist.rank)
+        return wrapped
 
     def _sentence_batches(self) -> SentenceBatches:
         from .sentences import sentence_spans
@@ -187,13 +226,15 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=c.lr)
 
     def summary_lines(self) -> list[str]:
+        ranks = (f"  processes: {self.dist.world_size} (DDP, {'nccl' if self.device.type == 'cuda' else 'gloo'})"
+                 if self.dist.active else "")
         return [
             f"Total Characters: {len(self.train_ids) + len(self.val_ids)}",
             f"Total Vocab: {len(self.vocab)}",
             f"Total Patterns: {self.batches.num_targets}",
             f"Validation Characters: {len(self.val_ids)}",
             f"Parameters: {self.model.num_parameters():,}  device: {self.device}  "
-            f"precision: {'bf16' if self.amp_dtype else 'fp32'}  threads: {torch.get_num_threads()}",
+            f"precision: {'bf16' if self.amp_dtype else 'fp32'}  threads: {torch.get_num_threads()}{ranks}",
         ]
 
     # ---------------------------------------------------------------- resume
@@ -208,10 +249,10 @@ class Trainer:
         unpack_optimizer(self.optimizer, trained.extra, record.optimizer)
         if self.config.optimizer == "adamw":  # a changed --weight-decay wins over the saved one
             self.optimizer.param_groups[0]["weight_decay"] = self.config.weight_decay
-        restore_rng(trained.extra, record.rng)
         self.position = record.position
         m = self.model.config
         self.carry = unpack_carry(trained.extra, m.layers, self.config.batch_size, m.units, self.device)
+        self._restore_rank_state(trained, record)
         self.history = list(trained.training.history)
         self.init = trained.training.init or self.init
         self.baselines = list(trained.training.baselines)
@@ -273,7 +314,7 @@ class Trainer:
         # 1. say what is trained; the compressors' score on the validation text; start the clock
         for line in self.summary_lines():
             self.log(line)
-        if len(self.val_ids) and not self.baselines:
+        if len(self.val_ids) and not self.baselines and self.dist.is_main:
             self.baselines = compressor_baselines_for(self.vocab, self.train_ids, self.val_ids)
         if self.baselines:
             self.log(f"Compressor baselines on the validation text (bits/char): {format_baselines(self.baselines)}")
@@ -284,11 +325,12 @@ class Trainer:
                 while self.position.epoch <= self.config.epochs:
                     # 2. train on the epoch's batches (what is left of them after a resume)
                     self.train_epoch()
-                    # 3. Ctrl-C: save the exact position and stop
-                    if self._stop_requested:
-                        result.interrupted = True
+                    # 3. Ctrl-C or --max-steps: save the exact position and stop
+                    if self._stop_requested or self._at_step_limit():
+                        result.interrupted = self._stop_requested
                         result.resume_path = self._save_resume()
-                        self.log(f"\nstopped at epoch {self.position.epoch}, batch {self.position.batch}; "
+                        reason = "stopped" if result.interrupted else f"--max-steps {self.config.max_steps} reached"
+                        self.log(f"\n{reason} at epoch {self.position.epoch}, batch {self.position.batch}; "
                                  f"resume with --resume {result.resume_path}")
                         break
                     # 4. evaluate, log, keep the checkpoint if it improved, save the resume point
@@ -309,6 +351,7 @@ class Trainer:
         result.history = self.history
         result.best_path = Path(self.position.best_path) if self.position.best_path else None
         result.trained = self._trained_model()
+        self.dist.barrier()  # rank 0 has written the best checkpoint
         if result.best_path and result.best_path.is_file():
             result.trained = checkpoint.load(result.best_path, device=self.device)
         self._log_summary()
@@ -323,7 +366,7 @@ class Trainer:
             self.eval_seconds = self._estimate_eval_seconds()
 
     def train_epoch(self) -> None:
-        """Train on the rest of the current epoch; stops early on Ctrl-C or when time is up."""
+        """Train on the rest of the current epoch; stops early on Ctrl-C, --max-steps or when time is up."""
         pos = self.position
         self.model.train()
         carried = self.config.carries_state
@@ -334,6 +377,12 @@ class Trainer:
             for x, y in self.batches.epoch(pos.epoch, start_batch=pos.batch):
                 t0 = time.perf_counter()
                 lr = self.lr_at(pos.step, self.elapsed())
+                if self.dist.active:  # every rank stops at the same step, with rank 0's schedule
+                    stop, (lr, late) = self.dist.agree(self._stop_requested, [lr, float(self._out_of_time())],
+                                                       self.device)
+                    self._stop_requested, self._time_up = stop, bool(late)
+                    if stop or late:
+                        break
                 loss, state = self.train_step(x, y, state if carried else None, lr)
                 targets = int((y != IGNORE_INDEX).sum())  # padding is no target
                 pos.loss_sum += loss * targets
@@ -343,9 +392,13 @@ class Trainer:
                 self.carry = state if carried else None
                 bar.update(1)
                 bar.set_postfix(loss=f"{pos.loss_sum / pos.targets:.4f}",
-                                chars_s=f"{pos.targets / max(pos.epoch_seconds, 1e-9):,.0f}", lr=f"{lr:.2e}")
-                if self._stop_requested or self._out_of_time():
+                                chars_s=f"{pos.targets * self.dist.world_size / max(pos.epoch_seconds, 1e-9):,.0f}",
+                                lr=f"{lr:.2e}")
+                self._every_steps(pos.batch < len(self.batches))
+                if self._at_step_limit():
                     break
+                if not self.dist.active and (self._stop_requested or self._out_of_time()):
+                    break  # under DDP the ranks agree on it before the next step
         pos.elapsed = self.elapsed()
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, state: State | None, lr: float
@@ -357,7 +410,7 @@ class Trainer:
         last_only = self.model.config.target == "last"
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            logits, state = self.model(x, state, last_only=last_only)
+            logits, state = self.ddp(x, state, last_only=last_only)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         self.optimizer.zero_grad(set_to_none=True)
@@ -368,16 +421,43 @@ class Trainer:
         self.position.step += 1
         return loss.item(), detach_state(state)
 
+    def _at_step_limit(self) -> bool:
+        return bool(self.config.max_steps) and self.position.step >= self.config.max_steps
+
+    def _every_steps(self, mid_epoch: bool) -> None:
+        """--eval-every / --save-every: an epoch over a big corpus is long."""
+        c, step = self.config, self.position.step
+        if c.eval_every and step % c.eval_every == 0 and mid_epoch:
+            self.model.eval()
+            self._record_evaluation(batch=self.position.batch)
+            self.model.train()
+        if c.save_every and step % c.save_every == 0 and mid_epoch:
+            self._save_resume()
+
     def _end_epoch(self) -> EpochRecord:
         """Evaluate, log, keep the checkpoint if it improved, print samples; then move on."""
         pos = self.position
+        record = self._record_evaluation()
+        if self.config.sample_every and record.epoch % self.config.sample_every == 0 and self.dist.is_main:
+            self._print_samples(record.epoch)
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+        pos.loss_sum, pos.targets, pos.epoch_seconds = 0.0, 0, 0.0
+        self.carry = None
+        return record
+
+    def _record_evaluation(self, batch: int = 0) -> EpochRecord:
+        """Validation loss and the epoch's training loss so far (summed over ranks): a metrics
+        row, a log line, and the checkpoint when the monitored loss improved."""
+        pos = self.position
         val_loss = self.evaluate() if len(self.val_ids) else None
         pos.elapsed = self.elapsed()
-        record = EpochRecord(pos.epoch, pos.loss_sum / max(pos.targets, 1), val_loss,
-                             pos.targets / max(pos.epoch_seconds, 1e-9), pos.elapsed,
-                             self.lr_at(pos.step, pos.elapsed), pos.step)
+        loss_sum, targets = self.dist.sum([pos.loss_sum, pos.targets], self.device)
+        record = EpochRecord(pos.epoch, loss_sum / max(targets, 1), val_loss,
+                             targets / max(pos.epoch_seconds, 1e-9), pos.elapsed,
+                             self.lr_at(pos.step, pos.elapsed), pos.step, batch)
         self.history.append(record)
-        self.metrics.append(record.to_row())
+        if self.dist.is_main:
+            self.metrics.append(record.to_row())
         self.log(self._epoch_line(record))
         monitored = record.val_loss if self.config.monitor == "val_loss" else record.loss
         if pos.best is None or monitored < pos.best:
@@ -388,23 +468,23 @@ class Trainer:
                      f"saving {pos.best_path}")
         else:
             pos.epochs_since_best += 1
-        if self.config.sample_every and record.epoch % self.config.sample_every == 0:
-            self._print_samples(record.epoch)
-        pos.epoch, pos.batch = pos.epoch + 1, 0
-        pos.loss_sum, pos.targets, pos.epoch_seconds = 0.0, 0, 0.0
-        self.carry = None
         return record
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean nats/char over every validation character, conditioned on the text before it."""
+        """Mean nats/char over every validation character, conditioned on the text before it;
+        under DDP each rank scores its own contiguous piece and the sums are added."""
         start = time.perf_counter()
-        loss = self._score(self.val_ids)
+        piece, offset = self.dist.shard(self.val_ids)
+        context = self.train_ids if offset == 0 else self.val_ids[:offset]  # the text before the piece
+        mean = self._score(piece, context)
+        total, count = self.dist.sum([mean * len(piece), len(piece)], self.device)
         self.eval_seconds = time.perf_counter() - start
-        return loss
+        return total / max(count, 1)
 
-    def _score(self, ids: np.ndarray) -> float:
-        return score_after(self.model, self.train_ids, ids, self.amp_dtype)
+    def _score(self, ids: np.ndarray, context: np.ndarray | None = None) -> float:
+        """Nats/char of ``ids`` after ``context`` (by default the training text's end)."""
+        return score_after(self.model, self.train_ids if context is None else context, ids, self.amp_dtype)
 
     # ---------------------------------------------------------------- output
     def _epoch_line(self, r: EpochRecord) -> str:
@@ -412,7 +492,8 @@ class Trainer:
         if r.val_loss is not None:
             versus = versus_best(r.val_bpc, self.baselines)
             val = f"  val_loss {r.val_loss:.4f} ({r.val_bpc:.3f} bpc{'; ' + versus if versus else ''})"
-        return (f"Epoch {r.epoch:02d}  loss {r.loss:.4f}{val}  {r.chars_per_s:,.0f} chars/s  "
+        where = f" step {r.step}" if r.batch else ""
+        return (f"Epoch {r.epoch:02d}{where}  loss {r.loss:.4f}{val}  {r.chars_per_s:,.0f} chars/s  "
                 f"lr {r.lr:.2e}  {r.elapsed:.0f} s")
 
     def _log_summary(self) -> None:
@@ -437,7 +518,8 @@ class Trainer:
             self.model.train()
 
     def _trained_model(self, extra: dict | None = None, resume: ResumeRecord | None = None) -> TrainedModel:
-        training = TrainingRecord(config=asdict(self.config), history=list(self.history), epoch=len(self.history),
+        epochs = sum(1 for r in self.history if not r.batch)  # not the --eval-every rows
+        training = TrainingRecord(config=asdict(self.config), history=list(self.history), epoch=epochs,
                                   best=BestEpoch.of(self.history), data=self.data_info,
                                   baselines=list(self.baselines), resume=resume, init=self.init)
         return TrainedModel(
@@ -453,18 +535,52 @@ class Trainer:
         loss = record.val_loss if self.config.monitor == "val_loss" else record.loss
         name = checkpoint.checkpoint_name(self.config.checkpoint_template, record.epoch, loss,
                                           val_loss=record.val_loss or 0.0)
+        if not self.dist.is_main:  # one writer; the other ranks only track the name
+            return self.output_dir / name
         trained = self._trained_model()
         path = checkpoint.save(self.output_dir / name, trained)
         checkpoint.save(self.output_dir / BEST_NAME, trained)
         return path
 
     def _save_resume(self) -> Path:
-        """``last.safetensors``: weights plus everything an exact resume needs."""
-        optim_tensors, optim_meta = pack_optimizer(self.optimizer)
+        """``last.safetensors``: weights plus everything an exact resume needs. Under DDP every
+        rank's part (its streams' carried state, random generators, loss sums) is gathered, the
+        carried state into one global batch laid out as a single process would have it."""
+        path = self.output_dir / RESUME_NAME
         rng_tensors, rng_meta = pack_rng()
-        extra = {**optim_tensors, **rng_tensors, **pack_carry(self.carry)}
-        resume = ResumeRecord(replace(self.position), optim_meta, rng_meta, self.data_info.fingerprint)
-        return checkpoint.save(self.output_dir / RESUME_NAME, self._trained_model(extra, resume))
+        mine = (pack_carry(self.carry), rng_tensors, rng_meta, [self.position.loss_sum, self.position.targets])
+        parts = self.dist.gather(mine)
+        if not self.dist.is_main:
+            return path
+        optim_tensors, optim_meta = pack_optimizer(self.optimizer)
+        carries = [p[0] for p in parts]
+        carry = {k: torch.cat([c[k] for c in carries], dim=1) for k in carries[0]} if carries[0] else {}
+        extra = {**optim_tensors, **rng_tensors, **carry}
+        ranks = []
+        for rank, (_, tensors, meta, sums) in enumerate(parts[1:], start=1):
+            extra.update({f"{RANK_PREFIX}{rank}.{k}": v for k, v in tensors.items()})
+            ranks.append({"rng": meta, "loss_sum": sums[0], "targets": sums[1]})
+        resume = ResumeRecord(replace(self.position), optim_meta, rng_meta, self.data_info.fingerprint,
+                              world_size=self.dist.world_size, ranks=ranks)
+        return checkpoint.save(path, self._trained_model(extra, resume))
+
+    def _restore_rank_state(self, trained: TrainedModel, record: ResumeRecord) -> None:
+        """This rank's random generators, streams' carried state and loss sums; exact when the
+        world size is the one the checkpoint was written with."""
+        if self.carry is not None and self.dist.active:
+            rows = self.dist.rows(self.config.batch_size)
+            self.carry = [(h[:, rows].contiguous(), c[:, rows].contiguous()) for h, c in self.carry]
+        if record.world_size != self.dist.world_size:
+            self.log(f"warning: the checkpoint was written by {record.world_size} processes, this run has "
+                     f"{self.dist.world_size}: it continues, but random draws differ from an unbroken run")
+        if self.dist.rank == 0 or record.world_size != self.dist.world_size:
+            restore_rng(trained.extra, record.rng)
+            return
+        rank_record = record.ranks[self.dist.rank - 1]
+        prefix = f"{RANK_PREFIX}{self.dist.rank}."
+        restore_rng({k[len(prefix):]: v for k, v in trained.extra.items() if k.startswith(prefix)},
+                    rank_record.get("rng", {}))
+        self.position.loss_sum, self.position.targets = rank_record["loss_sum"], int(rank_record["targets"])
 
 
 @contextmanager
@@ -498,8 +614,9 @@ def train(
     return fit(corpus, preset, log=log, progress=progress, **overrides).trained
 
 
-def fit(corpus: Corpus, preset: str = "default", log: Callable[[str], None] = print,
+def fit(corpus: Corpus | None = None, preset: str = "default", log: Callable[[str], None] = print,
         progress: bool = True, resume: str | Path | TrainedModel | None = None, init: str | Path | None = None,
+        data: PreparedData | str | Path | None = None, dist: Distributed = Distributed(),
         **overrides) -> TrainResult:
     """Like ``train`` but returns the whole ``TrainResult`` (history, best path, interruption).
 
@@ -511,22 +628,46 @@ def fit(corpus: Corpus, preset: str = "default", log: Callable[[str], None] = pr
     ``init``: start from a pretrained model (``"english"``, the shipped base, or a checkpoint
     path) remapped onto this corpus's characters, with the preset's regularisation and the
     fine-tuning schedule (``FINE_TUNING``); explicit options win.
+
+    ``data``: a folder written by ``charlstm prepare`` (or its ``PreparedData``) instead of a
+    corpus: its memory-mapped ids and validation part are used as they are. ``dist``: this
+    process's place in a ``torchrun`` group (``Distributed.from_env()``).
     """
     if resume is not None and init is not None:
         raise CharLSTMError("--init starts a new run and --resume continues one: pass only one of them")
+    if (corpus is None) == (data is None):
+        raise CharLSTMError("train on either a text or prepared data (--data DIR), not both or neither")
+    if data is not None and not isinstance(data, PreparedData):
+        data = PreparedData.open(data)
     if init is not None:
+        if data is not None:
+            raise CharLSTMError("--init remaps a model onto a text's characters; it does not take --data")
         return _fit_from_init(corpus, init, preset, log, progress, overrides)
     if resume is not None:
         trained = resume if isinstance(resume, TrainedModel) else checkpoint.load(resume)
-        return _fit_resumed(corpus, trained, preset, log, progress, overrides)
-    vocab = Vocab.from_text(corpus.text)
-    model_config, train_config = preset_configs(preset, len(vocab), **overrides)
-    ids = vocab.encode(corpus.text)
-    _check_length(ids, model_config, train_config)
+        return _fit_resumed(corpus, trained, preset, log, progress, overrides, data=data, dist=dist)
+    if data is not None:
+        overrides.setdefault("val_fraction", None)
+        if overrides["val_fraction"] is None:  # the prepared split decides; this only keeps checks consistent
+            overrides["val_fraction"] = data.manifest.get("val_fraction", 0.0)
+    vocab = data.vocab if data is not None else Vocab.from_text(corpus.text)
+    model_config, train_config = preset_configs(preset, len(vocab), log=log,
+                                                train_chars=_training_chars(corpus, data, overrides), **overrides)
+    ids, val_ids = (data.train_ids, data.val_ids) if data is not None else (vocab.encode(corpus.text), None)
+    _check_length(ids, model_config, train_config, prepared=data is not None)
     torch.manual_seed(train_config.seed)
     model = CharLSTM(model_config)
-    trainer = Trainer(model, vocab, ids, train_config, corpus=corpus, log=log, progress=progress)
+    trainer = Trainer(model, vocab, ids, train_config, corpus=corpus, log=log, progress=progress,
+                      val_ids=val_ids, data=data, dist=dist)
     return trainer.fit()
+
+
+def _training_chars(corpus: Corpus | None, data: PreparedData | None, overrides: dict) -> int:
+    """How many characters the run trains on (the adaptive recipe's measure of the text)."""
+    if data is not None:
+        return len(data.train_ids)
+    val_fraction = overrides.get("val_fraction")
+    return int(len(corpus.text) * (1 - (TrainConfig.val_fraction if val_fraction is None else val_fraction)))
 
 
 def _fit_from_init(corpus: Corpus, init: str | Path, preset: str, log, progress: bool,
@@ -549,8 +690,8 @@ def _fit_from_init(corpus: Corpus, init: str | Path, preset: str, log, progress:
     return trainer.fit()
 
 
-def _fit_resumed(corpus: Corpus, trained: TrainedModel, preset: str, log, progress: bool,
-                 overrides: dict) -> TrainResult:
+def _fit_resumed(corpus: Corpus | None, trained: TrainedModel, preset: str, log, progress: bool, overrides: dict,
+                 data: PreparedData | None = None, dist: Distributed = Distributed()) -> TrainResult:
     model_over, train_over = split_overrides(overrides)
     model = _with_regularisation(trained.model, model_over)
     saved = trained.training.config
@@ -559,11 +700,19 @@ def _fit_resumed(corpus: Corpus, trained: TrainedModel, preset: str, log, progre
     else:
         train_kw = {**PRESETS[_fine_tuning_preset(preset, model.config)][1], **train_over}
     train_config = _finish_train_config(train_kw, train_over)
-    if corpus.normalization != trained.normalization:
+    source = data if data is not None else corpus
+    if source.normalization != trained.normalization:
         log("warning: the text is normalised differently from the checkpoint's training text")
-    ids = trained.vocab.encode(corpus.text)
-    _check_length(ids, model.config, train_config)
-    trainer = Trainer(model, trained.vocab, ids, train_config, corpus=corpus, log=log, progress=progress)
+    if data is not None:
+        if data.vocab != trained.vocab:
+            raise CharLSTMError(f"{trained.path}: its vocabulary ({len(trained.vocab)} symbols) is not the one of "
+                                f"{data.directory} ({len(data.vocab)}); resume on the data it was trained on")
+        ids, val_ids = data.train_ids, data.val_ids
+    else:
+        ids, val_ids = trained.vocab.encode(corpus.text), None
+    _check_length(ids, model.config, train_config, prepared=data is not None)
+    trainer = Trainer(model, trained.vocab, ids, train_config, corpus=corpus, log=log, progress=progress,
+                      val_ids=val_ids, data=data, dist=dist)
     trainer.restore(trained)
     return trainer.fit()
 
@@ -582,11 +731,12 @@ def _with_regularisation(model: CharLSTM, model_over: dict) -> CharLSTM:
     return new
 
 
-def _check_length(ids: np.ndarray, model_config: ModelConfig, train_config: TrainConfig) -> None:
+def _check_length(ids: np.ndarray, model_config: ModelConfig, train_config: TrainConfig,
+                  prepared: bool = False) -> None:
     spare = train_config.bptt - 1 if train_config.random_offset else 0
     min_len = (model_config.window + 2 if train_config.batching == "windows"
                else train_config.batch_size * 2 + 2 + spare)
-    if len(ids) * (1 - train_config.val_fraction) < min_len:
+    if len(ids) * (1 if prepared else 1 - train_config.val_fraction) < min_len:
         raise CharLSTMError(f"the text has {len(ids)} characters: too short for a window of "
                             f"{model_config.window} and batch size {train_config.batch_size}")
 

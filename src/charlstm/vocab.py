@@ -39,6 +39,10 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.chars)
 
+    def __getstate__(self) -> dict:
+        """Pickled (to a worker process) without the 1.1 M-entry code table, rebuilt on use."""
+        return {**self.__dict__, "_table": None}
+
     @property
     def dtype(self) -> np.dtype:
         return id_dtype(len(self.chars))
