@@ -23,12 +23,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from charlstm import checkpoint
 from charlstm.batching import Engine, Stream, StreamSpec
+from charlstm.checkpoint import TrainedModel
 from charlstm.generate import Generator, SamplingConfig
+from charlstm.model import CharLSTM, ModelConfig
 from charlstm.serve import ServeConfig, create_app
 from charlstm.train import evaluate_ids
+from charlstm.vocab import Vocab
 from serve_support import LiveServer, make_model
 
 warnings.filterwarnings("ignore", message=".*httpx.*", category=Warning)
@@ -551,3 +555,24 @@ def test_surrogates_and_huge_numbers_are_refused_not_crashed(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = client.post("/v1/completions", json={"prompt": PROMPT, "x" * 5000: 1})
     assert r.status_code == 400 and len(r.json()["error"]["param"]) <= 60
+
+
+def test_window_models_are_served_as_the_generator_runs_them(alice):
+    """A model trained on windows (the tutorial's, and imported Keras files) re-reads its last
+    ``window`` characters each step; the server batches rows whose windows are equally long."""
+    torch.manual_seed(3)
+    vocab = Vocab.from_text(alice)
+    config = ModelConfig(vocab_size=len(vocab), units=32, embedding_dim=8, target="last", window=20)
+    trained = TrainedModel(CharLSTM(config).eval(), vocab)
+    with TestClient(create_app(ServeConfig(), {"window": trained})) as c:
+        bodies = [{"prompt": PROMPT[:8 + i], "max_tokens": 60, "seed": i, "temperature": 0.7 + 0.1 * i,
+                   "logprobs": 1, "echo": i == 2} for i in range(4)]
+        alone = [completion(c, **b)["choices"][0] for b in bodies]
+        together = completion(c, prompt=[b["prompt"] for b in bodies[:2]], n=1, max_tokens=60, seed=0,
+                              temperature=0.7)["choices"]
+    gen = Generator(trained)
+    assert gen.resolve_mode("auto") == "window"
+    for i, b in enumerate(bodies):
+        expected = gen.generate(b["prompt"], 60, sampling=SamplingConfig(b["temperature"]), seed=i)
+        assert alone[i]["text"] == (b["prompt"] if b["echo"] else "") + expected
+    assert together[0]["text"] == alone[0]["text"]
