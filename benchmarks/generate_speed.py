@@ -99,6 +99,8 @@ def cases(quick: bool) -> list[Case]:
         Case("stateful, lean torch, 64 streams (total)", "stateful", "torch", 64, n(1000)),
         Case("stateful, lean torch bf16 (oneDNN), 64 streams (total), 2 threads", "stateful", "torch", 64, n(1000),
              threads=2, precision="bf16"),
+        Case("stateful, auto bf16 (native or oneDNN, timed), 64 streams (total), 2 threads", "stateful", "auto", 64,
+             n(1000), threads=2, precision="bf16"),
     ]
 
 

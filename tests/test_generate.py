@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import sys
 
 import numpy as np
@@ -14,7 +16,8 @@ import torch
 from charlstm import CharLSTM, CharLSTMError, Generator, ModelConfig, SamplingConfig, TrainedModel, Vocab
 from charlstm import checkpoint
 from charlstm.cli import main
-from charlstm.fast_step import BF16_TOLERANCE, LeanWeights, NativeStepper, TorchStepper, choose_split, make_stepper
+from charlstm.fast_step import (BF16_TOLERANCE, SHARING_MARGIN, LeanWeights, NativeStepper, TorchStepper, choose_split,
+                                make_stepper)
 from charlstm.keras_import import ImportOptions, import_keras
 from charlstm.native import (BF16_AVX512, BF16_PORTABLE, NATIVE_CACHE_ENV, NativeSampler, bf16_kernel, native_library,
                              plans_file)
@@ -148,6 +151,24 @@ def test_every_way_of_sharing_a_step_between_threads_gives_the_models_numbers(ac
         np.testing.assert_array_equal(results[split], results["single"])
 
 
+def test_a_forked_child_steps_with_threads_of_its_own():
+    model = sharp_model(23, layers=2, units=32)
+    stepper = NativeStepper(LeanWeights.from_model(model), 2, native_library(), threads=2, split="panels")
+    ids = np.array([3, 4])
+    expected = NativeStepper(LeanWeights.from_model(model), 2, native_library(), threads=1).step(ids).copy()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the parent's helper thread does not exist here: a step must not wait for it
+        signal.alarm(20)  # a step stuck waiting for it ends the child, and the check below fails
+        os.write(write, stepper.step(ids).tobytes())
+        os._exit(0)
+    os.close(write)
+    got = b"".join(iter(lambda: os.read(read, 1 << 16), b""))
+    os.waitpid(child, 0)
+    np.testing.assert_array_equal(np.frombuffer(got, dtype=np.float32).reshape(expected.shape), expected)
+    np.testing.assert_array_equal(stepper.step(ids), expected)  # the parent's own team is untouched
+
+
 def test_the_split_is_chosen_by_timing_once_and_kept_beside_the_kernel(tmp_path):
     library = native_library(tmp_path)
     weights = LeanWeights.from_model(sharp_model(30, layers=2, units=32))
@@ -156,11 +177,23 @@ def test_the_split_is_chosen_by_timing_once_and_kept_beside_the_kernel(tmp_path)
     (key, plan), = plans.items()
     assert "batch=40 threads=2" in key and plan["split"] == split
     assert set(plan["seconds_per_step"]) == {"single", "panels", "rows"}
-    assert split == min(plan["seconds_per_step"], key=plan["seconds_per_step"].get)
+    timings = plan["seconds_per_step"]
+    fastest = min(timings, key=timings.get)
+    assert split == (fastest if timings["single"] >= SHARING_MARGIN * timings[fastest] else "single")
     plan["split"] = "rows" if split != "rows" else "single"  # what is kept is what is used
     plans_file(library).write_text(json.dumps({key: plan}))
     assert choose_split(weights, 40, library, 2, "fp32") == plan["split"]
     assert choose_split(weights, 1, library, 1, "fp32") == "single"  # one thread: nothing to time
+
+
+def test_bf16_batches_take_the_faster_of_the_kernel_and_onednn_as_timed(tmp_path):
+    library = native_library(tmp_path)
+    model = sharp_model(30, layers=1, units=32)
+    stepper = make_stepper(model, 16, "auto", library=library, precision="bf16")
+    (key, plan), = json.loads(plans_file(library).read_text()).items()
+    assert key.startswith("bf16-backend") and set(plan["seconds_per_step"]) == {"native", "torch"}
+    assert stepper.backend == plan["backend"] == min(plan["seconds_per_step"], key=plan["seconds_per_step"].get)
+    assert make_stepper(model, 16, "native", library=library, precision="bf16").backend == "native"
 
 
 @pytest.fixture(scope="module")

@@ -219,7 +219,8 @@ def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True)
                        help="stateful step arithmetic: fp32 (exact, default) or bf16 (bf16 weights and "
                             "products, fp32 sums and state; faster; see the README for how close)")
         g.add_argument("--threads", type=_positive_int,
-                       help="CPU threads for PyTorch and for native batches of 32+ streams (default: PyTorch's)")
+                       help="CPU threads for PyTorch and for the native step, which they share by rows or by "
+                            "panels as timed fastest (default: PyTorch's)")
 
 
 def build_parser() -> argparse.ArgumentParser:

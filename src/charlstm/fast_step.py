@@ -49,9 +49,10 @@ BACKENDS = ("auto", "native", "torch", "module")
 LEAN_GATES = ("sigmoid", "hard_sigmoid")  # gate activations the lean backends implement (cell: tanh)
 MAX_TABLE_FLOATS = 1 << 26       # 256 MB: above this layer 0's input is projected per step
 MIN_SHARD_ROWS = 16              # streams per thread below which row shards cost more than they save
-SPLITS = ("single", "panels", "rows")
-BF16_TOLERANCE = 0.05           # documented: largest probability difference of bf16 steps from fp32
-BF16_LIBRARY_MIN_BATCH = 16      # bf16 batches from here on may run faster on PyTorch's (oneDNN, AMX)  # how threads share a native step (see NativeStepper)
+SPLITS = ("single", "panels", "rows")  # how threads share a native step (see NativeStepper)
+SHARING_MARGIN = 1.1             # a shared step must be timed this much faster than one thread's
+BF16_TOLERANCE = 0.05            # documented: largest probability difference of bf16 steps from fp32
+BF16_LIBRARY_MIN_BATCH = 16      # bf16 batches from here on may run faster on PyTorch's (oneDNN, AMX)
 
 
 @dataclass
@@ -285,10 +286,8 @@ class NativeStepper(Stepper):
         self._bias_ptrs = (ctypes.c_void_p * w.layers)(*[b.data_ptr() for b in layout.biases])
         self._inputs_bf16 = np.zeros((team_size, B, 2 * H), dtype=np.uint16) if layout.bf16 else None
         self._h_next = torch.zeros(w.layers, B, H) if team_size > 1 else None
-        self._library = library
-        self._team = library.charlstm_team_new(team_size) if team_size > 1 else None
-        if team_size > 1 and not self._team:
-            raise CharLSTMError(f"could not start {team_size - 1} native step threads")
+        self._library, self._team_size = library, team_size
+        self._team = self._start_team()
         bounds = [B * i // shards for i in range(shards + 1)]
         self._nets = [self._shard(start, stop) for start, stop in zip(bounds, bounds[1:])]
         self._refs = [ctypes.byref(net) for net in self._nets]
@@ -309,8 +308,24 @@ class NativeStepper(Stepper):
                          None if scratch is None else scratch.ctypes.data + start * 2 * w.units * 2,
                          None if self._h_next is None else self._h_next.data_ptr(), self._team)
 
+    def _start_team(self) -> int | None:
+        """The C helper threads of a panel split (None without one)."""
+        self._team_pid = os.getpid()
+        if self._team_size == 1:
+            return None
+        team = self._library.charlstm_team_new(self._team_size)
+        if not team:
+            raise CharLSTMError(f"could not start {self._team_size - 1} native step threads")
+        return team
+
     def step(self, ids: np.ndarray) -> np.ndarray:
         self.ids[:] = ids
+        if self._team is not None and os.getpid() != self._team_pid:
+            # a forked child has none of its parent's threads: start its own (the parent's
+            # team record is left alone, its threads live in the parent)
+            self._team = self._start_team()
+            for net in self._nets:
+                net.team = self._team
         others = [self._pool.submit(self._step, ref) for ref in self._refs[1:]] if self._pool else []
         failed = self._step(self._refs[0]) != 0
         if any(f.result() != 0 for f in others) or failed:
@@ -321,9 +336,9 @@ class NativeStepper(Stepper):
         if getattr(self, "_pool", None) is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-        if getattr(self, "_team", None):
+        if getattr(self, "_team", None) and os.getpid() == self._team_pid:
             self._library.charlstm_team_free(self._team)
-            self._team = None
+        self._team = None
 
     def __del__(self) -> None:
         self.close()
@@ -348,6 +363,8 @@ def choose_split(weights: LeanWeights, batch_size: int, library: ctypes.CDLL, th
         return plans[key]["split"]
     timings = time_splits(weights, batch_size, library, threads, precision, candidates)
     best = min(timings, key=timings.get)
+    if timings["single"] < SHARING_MARGIN * timings[best]:
+        best = "single"  # sharing a step suffers most when other programs take the cores: only for a clear win
     plans[key] = {"split": best, "seconds_per_step": timings}
     _write_plans(path, plans)
     return best

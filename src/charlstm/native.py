@@ -147,8 +147,9 @@ def native_library(cache_dir: Path | None = None, arch: str = "native") -> ctype
     """Compile (once per machine and source) and load the native kernel.
 
     ``arch`` is the compiler's ``-march`` (``native``: this CPU's widest vectors; e.g.
-    ``x86-64-v2`` builds the portable code a CPU without AVX-512 runs). Raises ``CharLSTMError`` saying why when there is no compiler or compiling fails; a
-    failure is remembered beside the would-be library so later runs do not retry it.
+    ``x86-64-v2`` builds the portable code a CPU without AVX-512 runs). Raises
+    ``CharLSTMError`` saying why when there is no compiler or compiling fails; a failure is
+    remembered beside the would-be library so later runs do not retry it.
     """
     if sys.platform == "win32":
         raise CharLSTMError("the native step is not built on Windows; use --backend torch")
