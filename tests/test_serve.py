@@ -31,7 +31,7 @@ from charlstm.checkpoint import TrainedModel
 from charlstm.generate import Generator, SamplingConfig
 from charlstm.model import CharLSTM, ModelConfig
 from charlstm.serve import ServeConfig, create_app
-from charlstm.train import evaluate_ids
+from charlstm.evaluate import evaluate_ids
 from charlstm.vocab import Vocab
 from serve_support import LiveServer, make_model
 

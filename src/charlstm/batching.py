@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from .errors import CharLSTMError
+from .evaluate import one_cpu_thread
 from .generate import UNIFORM_BLOCK, BatchSampler, Generator, SamplingConfig, StopMatcher, stream_uniforms
-from .train import _one_cpu_thread
 
 log = logging.getLogger("charlstm.serve")
 
@@ -241,7 +241,7 @@ class _WindowRows:
             del window[:-self.window]
             by_length.setdefault(len(window), []).append(row)
         logits = np.empty((len(ids), self.model.config.vocab_size), dtype=np.float32)
-        with _one_cpu_thread(self.device):   # short sequences: a second thread only waits
+        with one_cpu_thread(self.device):   # short sequences: a second thread only waits
             for rows in by_length.values():
                 batch = torch.tensor([self.rows[r] for r in rows], device=self.device)
                 out, _ = self.model(batch, last_only=True)

@@ -19,7 +19,7 @@ import torch
 from .baselines import Baseline, compressor_baselines
 from .checkpoint import TrainedModel
 from .errors import CharLSTMError
-from .train import _one_cpu_thread
+from .evaluate import one_cpu_thread
 
 CHUNK = 512
 
@@ -72,7 +72,7 @@ def _next_char_logprobs(trained: TrainedModel, ids: torch.Tensor) -> np.ndarray:
     """(N-1, V) log-probabilities of the character after each of ids[:-1]."""
     model = trained.model
     device = model.head.weight.device
-    with _one_cpu_thread(device):   # reading a text is latency-bound: a second thread only waits
+    with one_cpu_thread(device):   # reading a text is latency-bound: a second thread only waits
         parts = _logits_after_each(model, ids.to(device))
     logits = torch.cat(parts).float()
     return torch.log_softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
