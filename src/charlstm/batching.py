@@ -32,10 +32,12 @@ import numpy as np
 import torch
 
 from .errors import CharLSTMError
+from .evaluate import one_cpu_thread
 from .generate import UNIFORM_BLOCK, BatchSampler, Generator, SamplingConfig, StopMatcher, stream_uniforms
 
 log = logging.getLogger("charlstm.serve")
 
+PRIME_BUDGET = 512          # prompt characters read per loop iteration on a one-stream stepper
 FINISH_STOP = "stop"        # a stop string ended it
 FINISH_LENGTH = "length"    # max_tokens ended it
 FINISH_ABORT = "abort"      # the server ended it: its time limit, or shutting down
@@ -191,6 +193,24 @@ class _StatefulRows:
         self._feed[:len(ids)] = ids
         return self.stepper.step(self._feed)[:len(ids)]
 
+    def prime(self, row: int, ids: Sequence[int], each: Callable[[np.ndarray, int], None] | None = None) -> None:
+        """Read ``ids`` into ``row`` from the zero state on a one-stream stepper (a joining
+        stream's prompt, without a batch step per character); ``each(logits, j)`` sees the
+        logits after ``ids[j]``. Rows are computed on their own, so this is the batch's arithmetic."""
+        primer = self._steppers.get("primer") or self._steppers.setdefault("primer", self._generator.stepper(1))
+        feed = np.zeros(1, dtype=np.int64)
+        zero = [(torch.zeros_like(h), torch.zeros_like(c)) for h, c in primer.state()]
+        primer.load_state(zero)
+        for j, i in enumerate(ids):
+            feed[0] = i
+            logits = primer.step(feed)
+            if each is not None:
+                each(logits, j)
+        state, primed = self.stepper.state(), primer.state()
+        for (h, c), (ph, pc) in zip(state, primed):
+            h[:, row], c[:, row] = ph[:, 0], pc[:, 0]
+        self.stepper.load_state(state)
+
 
 class _WindowRows:
     """Rows for models trained on windows (the tutorial's): each row keeps its last ``window``
@@ -221,10 +241,11 @@ class _WindowRows:
             del window[:-self.window]
             by_length.setdefault(len(window), []).append(row)
         logits = np.empty((len(ids), self.model.config.vocab_size), dtype=np.float32)
-        for rows in by_length.values():
-            batch = torch.tensor([self.rows[r] for r in rows], device=self.device)
-            out, _ = self.model(batch, last_only=True)
-            logits[rows] = out.float().cpu().numpy()
+        with one_cpu_thread(self.device):   # short sequences: a second thread only waits
+            for rows in by_length.values():
+                batch = torch.tensor([self.rows[r] for r in rows], device=self.device)
+                out, _ = self.model(batch, last_only=True)
+                logits[rows] = out.float().cpu().numpy()
         return logits
 
 
@@ -389,8 +410,28 @@ class Engine:
         with self._cond:
             self._rows.extend(fresh)
         self._rows_state.edit(list(range(keep, keep + len(fresh))), [])
+        if self.mode == "stateful":
+            self._prime(fresh, keep)
         self._sampler = None
         self.stats.peak_active = max(self.stats.peak_active, len(self._rows))
+
+    def _prime(self, fresh: list[Stream], first_row: int) -> None:
+        """Read the joining streams' prompts (all but their last character, which the batch
+        step reads) on the side, up to ``PRIME_BUDGET`` characters in all; the rest of a long
+        prompt is read through the batch, a character per step, so others never stall long."""
+        budget = PRIME_BUDGET
+        for row, s in enumerate(fresh, start=first_row):
+            n = min(len(s.spec.prompt_ids) - 1, budget)
+            if n <= 0:
+                continue
+            each = None
+            if s.spec.echo and s.spec.logprobs is not None:
+                def each(logits: np.ndarray, j: int, s: Stream = s) -> None:
+                    table = _log_probabilities(logits, [0], [s.spec.logprobs])[0]
+                    s.echo_logprobs.append(table(s.spec.prompt_ids[j + 1], self.chars))
+            self._rows_state.prime(row, s.spec.prompt_ids[:n], each)
+            s.pos = n
+            budget -= n
 
     def _pick(self, logits: np.ndarray, rows: list[Stream]) -> np.ndarray:
         if self._sampler is None:
