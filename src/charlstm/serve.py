@@ -649,8 +649,10 @@ class _EventStream:
 
     async def _events(self) -> AsyncIterator[bytes]:
         choices = _Choices(len(self.job.streams), self.request.logprobs is not None)
+        # the head is the same in every chunk: encoded once, the choice spliced in
+        lead = b"data: " + json_bytes(dict(self.head, choices=[0]))[:-len(b"0]}")]
         async for pieces in self.job.pieces():
-            yield b"".join(_event(dict(self.head, choices=[choices.add(p)])) for p in pieces)
+            yield b"".join(lead + json_bytes(choices.add(p)) + b"]}\n\n" for p in pieces)
         if self.request.include_usage:
             yield _event(dict(self.head, choices=[], usage=_usage(self.request, choices.generated)))
         yield b"data: [DONE]\n\n"
