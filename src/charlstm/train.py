@@ -53,6 +53,7 @@ from .vocab import Vocab
 
 BEST_NAME = "best.safetensors"
 RESUME_NAME = "last.safetensors"
+MAX_INDEXED_TEXT = 50_000_000  # windows and sentences index every example: 8 bytes each
 RANK_PREFIX = "rank"          # last.safetensors: the other ranks' random-generator states
 
 
@@ -175,6 +176,11 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
     def _make_batches(self) -> Batches:
         c, m = self.config, self.model.config
+        if self.dist.active and c.batching != "streams":
+            raise CharLSTMError("distributed training shards contiguous streams: use --batching streams")
+        if c.batching != "streams" and len(self.train_ids) > MAX_INDEXED_TEXT:
+            raise CharLSTMError(f"{len(self.train_ids):,} training characters: --batching {c.batching} keeps an "
+                                "index of every example in memory; use --batching streams for a corpus this big")
         if c.batching == "windows":
             if m.target != "last":
                 raise CharLSTMError("--batching windows trains one target per window: use --target last")
@@ -184,8 +190,6 @@ class Trainer:
         if m.target != "all":
             raise CharLSTMError(f"--batching {c.batching} needs a model that predicts every position: "
                                 f"use --target all")
-        if self.dist.active and c.batching != "streams":
-            raise CharLSTMError("distributed training shards contiguous streams: use --batching streams")
         if c.batching == "sentences":
             return self._sentence_batches()
         return StreamBatches(self.train_ids, c.batch_size, c.bptt, random_offset=c.random_offset, seed=c.seed,
