@@ -37,6 +37,7 @@ from .generate import UNIFORM_BLOCK, BatchSampler, Generator, SamplingConfig, St
 
 log = logging.getLogger("charlstm.serve")
 
+FLUSH_ROWS = 16             # streams per flush interval: bigger batches hand over less often
 PRIME_BUDGET = 512          # prompt characters read per loop iteration on a one-stream stepper
 FINISH_STOP = "stop"        # a stop string ended it
 FINISH_LENGTH = "length"    # max_tokens ended it
@@ -367,7 +368,7 @@ class Engine:
         sampling = [r for r, s in enumerate(rows) if s.pos + 1 >= len(s.spec.prompt_ids)]
         chosen = self._pick(logits, rows) if sampling else None
         self._record(logits, rows, chosen)
-        self._flush_due(rows, force=any(s.finish_reason for s in rows))
+        self._flush_due(rows)
         self._drop_finished(now)
 
     def _drop_finished(self, now: float) -> None:
@@ -483,12 +484,18 @@ class Engine:
             s.out_logprobs.extend([(self.chars[s.spec.prompt_ids[0]], None, None)] + s.echo_logprobs)
             s.echo_logprobs = []
 
-    def _flush_due(self, rows: list[Stream], force: bool) -> None:
+    def _flush_due(self, rows: list[Stream], force: bool = False) -> None:
+        """Hand over everyone's new text when the interval has passed (longer for bigger
+        batches: fewer, larger pieces when there is more to send); a first character or an
+        end goes at once, alone."""
         now = time.monotonic()
-        first = any(s.out_text and not s.started_output for s in rows)
-        if force or first or now - self._last_flush >= self.flush_interval:
+        if force or now - self._last_flush >= self.flush_interval * max(1.0, len(rows) / FLUSH_ROWS):
             self._flush(rows)
             self._last_flush = now
+            return
+        urgent = [s for s in rows if s.finish_reason is not None or (s.out_text and not s.started_output)]
+        if urgent:
+            self._flush(urgent)
 
     def _flush(self, streams: Sequence[Stream]) -> None:
         by_sink: dict[int, tuple[Sink, list[Piece]]] = {}
