@@ -238,7 +238,7 @@ def ship(path: Path) -> None:
     target = PRETRAINED["english"]
     checkpoint.save(target, trained)
     print(f"wrote {target}: {target.stat().st_size / 1e6:.2f} MB, best val_loss "
-          f"{trained.training['best']['val_loss']:.4f} nats/char")
+          f"{trained.training.best.val_loss:.4f} nats/char")
 
 
 def main() -> None:

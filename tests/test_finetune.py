@@ -136,5 +136,5 @@ def test_the_shipped_english_base_knows_english_and_fine_tunes(tmp_path, pg11):
     assert evaluate_ids(base.model, ids) < 2.0  # an untrained model scores log(121) = 4.8 nats/char
     result = fit(Corpus.from_string(Corpus.from_files(pg11).text[:6000]), init="english", epochs=1, batch_size=8,
                  bptt=50, output_dir=str(tmp_path), **QUIET)
-    assert result.trained.training["init"]["init"] == "english"
-    assert result.trained.training["best"]["val_loss"] < 2.0
+    assert result.trained.training.init["init"] == "english"
+    assert result.trained.training.best.val_loss < 2.0
