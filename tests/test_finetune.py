@@ -138,3 +138,11 @@ def test_the_shipped_english_base_knows_english_and_fine_tunes(tmp_path, pg11):
                  bptt=50, output_dir=str(tmp_path), **QUIET)
     assert result.trained.training.init["init"] == "english"
     assert result.trained.training.best.val_loss < 2.0
+
+
+def test_run_fine_tunes_the_english_base_by_default(tmp_path, small_text, capsys):
+    code = main(["run", "--text", str(small_text), "-o", str(tmp_path), "--time-budget", "8", "--batch-size", "8",
+                 "--no-progress", "--seed", "1", "--length", "40", "--prime", "alice"])
+    out = capsys.readouterr().out
+    assert code == 0 and "starting from english" in out
+    assert checkpoint.load(tmp_path / "best.safetensors").training.init["init"] == "english"
