@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from charlstm.corpus import Corpus
+from charlstm.errors import CharLSTMError
 from charlstm.prepare import PrepareConfig, PreparedData, prepare
 from charlstm.train import fit
 from conftest import REPO
@@ -66,8 +68,8 @@ def test_prepared_data_is_memory_mapped_and_resumes_exactly_mid_epoch(data_dir, 
         assert torch.equal(value, _weights(tmp_path / "parts" / "last.safetensors")[key]), key
     data = PreparedData.open(data_dir)
     assert isinstance(data.train_ids, np.memmap)
-    assert whole.trained.training["data"]["val_characters"] == 2000  # the fixed --val-chars part
-    assert whole.trained.training["data"]["sources"] == data.sources
+    assert whole.trained.training.data.val_characters == 2000  # the fixed --val-chars part
+    assert whole.trained.training.data.sources == data.sources
 
 
 def test_two_processes_compute_what_one_process_computes(data_dir, tmp_path):
@@ -97,3 +99,10 @@ def test_ddp_with_weight_drop_and_variational_dropout_resumes_exactly(data_dir, 
         assert torch.equal(value, _weights(parts)[key]), key
     trained = load_file(str(whole))
     assert any(k.startswith("rank1.") for k in trained)  # rank 1's random generators are kept
+
+
+def test_huge_prepared_data_refuses_the_batchings_that_index_every_example(data_dir, tmp_path, monkeypatch):
+    train_module = importlib.import_module("charlstm.train")  # the package's `train` is the function
+    monkeypatch.setattr(train_module, "MAX_INDEXED_TEXT", 1000)
+    with pytest.raises(CharLSTMError, match="use --batching streams"):
+        fit(data=data_dir, preset="tutorial-small", output_dir=str(tmp_path), log=lambda *_: None, progress=False)

@@ -11,14 +11,17 @@ Five lines in a notebook::
 from .checkpoint import TrainedModel, load, save
 from .corpus import Corpus, Normalization
 from .errors import CharLSTMError
+from .evaluate import evaluate_ids
 from .generate import Generator, SamplingConfig, generate
 from .model import CharLSTM, ModelConfig
-from .train import PRESETS, TrainConfig, Trainer, evaluate_ids, fit, train
+from .prepare import PrepareConfig, PreparedData, prepare
+from .recipes import PRESETS, TrainConfig
+from .train import Trainer, fit, train
 from .vocab import Vocab
 
 __all__ = [
     "CharLSTM", "CharLSTMError", "Corpus", "Generator", "ModelConfig", "Normalization", "PRESETS",
-    "SamplingConfig", "TrainConfig", "TrainedModel", "Trainer", "Vocab", "evaluate_ids", "fit",
-    "generate", "load", "save", "train",
+    "PrepareConfig", "PreparedData", "SamplingConfig", "TrainConfig", "TrainedModel", "Trainer", "Vocab",
+    "evaluate_ids", "fit", "generate", "load", "save", "prepare", "train",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
@@ -22,6 +23,7 @@ from .corpus import Normalization
 from .errors import CharLSTMError
 from .fileio import atomic_write_bytes
 from .model import CharLSTM, ModelConfig
+from .records import TrainingRecord
 from .vocab import Vocab
 
 FORMAT = "charlstm"
@@ -29,6 +31,7 @@ FORMAT_VERSION = 1
 MODEL_PREFIX = "model."
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 SUFFIX = ".safetensors"
+SEED_WINDOWS = 200                # random training windows stored as generation seeds
 
 
 @dataclass
@@ -38,13 +41,26 @@ class TrainedModel:
     model: CharLSTM
     vocab: Vocab
     normalization: Normalization = field(default_factory=Normalization)
-    training: dict = field(default_factory=dict)
+    training: TrainingRecord = field(default_factory=TrainingRecord)
     seed_windows: list[str] = field(default_factory=list)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    path: Path | None = field(default=None, compare=False)  # the file it was loaded from
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    def info_lines(self, path: str | Path) -> list[str]:
+        """What ``charlstm info`` prints: the network, its vocabulary, and how it was trained."""
+        return [
+            f"checkpoint: {path}",
+            "model: " + ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items()),
+            f"parameters: {self.model.num_parameters():,}",
+            f"vocabulary: {len(self.vocab)} characters {_shown_chars(self.vocab.chars)}"
+            + (f", unknown symbol {self.vocab.unknown_char!r}" if self.vocab.unknown_char else ""),
+            "normalization: " + ", ".join(f"{k}={v}" for k, v in self.normalization.to_dict().items()),
+            *self.training.info_lines(path),
+        ]
 
     def metadata(self) -> dict:
         return {
@@ -53,9 +69,24 @@ class TrainedModel:
             "model": self.config.to_dict(),
             "vocab": self.vocab.to_jsonable(),
             "normalization": self.normalization.to_dict(),
-            "training": self.training,
+            "training": self.training.to_json(),
             "seed_windows": self.seed_windows,
         }
+
+
+def _shown_chars(chars: tuple[str, ...], limit: int = 200) -> str:
+    """All of a small alphabet; the start of a large one (a CJK vocabulary has thousands)."""
+    shown = "".join(chars[:limit])
+    return repr(shown) + (f" and {len(chars) - limit:,} more" if len(chars) > limit else "")
+
+
+def seed_windows(vocab: Vocab, ids: np.ndarray, window: int, seed: int, count: int = SEED_WINDOWS) -> list[str]:
+    """``count`` random windows of the training text, decoded: the seeds a checkpoint carries so that
+    generating can start as the tutorial does (from a random window) without the corpus."""
+    if len(ids) <= window:
+        return [vocab.decode(ids)]
+    starts = np.random.default_rng(seed).integers(0, len(ids) - window, size=count)
+    return [vocab.decode(ids[s:s + window]) for s in starts]
 
 
 def checkpoint_name(template: str, epoch: int, loss: float, **fields) -> str:
@@ -93,7 +124,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
         config = ModelConfig.from_dict(meta["model"])
         vocab = Vocab.from_json(meta["vocab"])
         normalization = Normalization.from_dict(meta.get("normalization", {}))
-    except (KeyError, TypeError) as err:
+        training = TrainingRecord.from_json(meta.get("training", {}))
+    except (KeyError, TypeError, ValueError) as err:
         raise CharLSTMError(f"{path}: incomplete checkpoint metadata ({err})") from None
     if len(vocab) != config.vocab_size:
         raise CharLSTMError(f"{path}: vocabulary has {len(vocab)} characters, model expects {config.vocab_size}")
@@ -104,9 +136,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
         model=model.to(device).eval(),
         vocab=vocab,
         normalization=normalization,
-        training=meta.get("training", {}),
+        training=training,
         seed_windows=[s for s in meta.get("seed_windows", []) if isinstance(s, str)],
         extra=extra,
+        path=path,
     )
 
 

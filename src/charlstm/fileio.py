@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees half a file, a crash never destroys the old one."""
+"""Atomic file writes (a reader never sees half a file, a crash never destroys the old one) and
+the user cache folder."""
 
 from __future__ import annotations
 
@@ -21,3 +22,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def user_cache_dir(kind: str, env: str) -> Path:
+    """Where charlstm caches ``kind`` (downloaded books, the compiled kernel): ``$env`` if set,
+    else the platform's user cache folder."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("charlstm")) / kind

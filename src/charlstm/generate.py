@@ -29,14 +29,20 @@ import torch
 
 from .checkpoint import TrainedModel
 from .errors import CharLSTMError
-from .fast_step import BACKENDS, LeanWeights, Stepper, lean_supported, make_stepper
-from .native import PRECISIONS, NativeSampler, native_library
+from .fast_step import LeanWeights, Stepper, check_backend, lean_supported, make_stepper
+from .native import NativeSampler, native_library
 
 MODES = ("auto", "stateful", "window")
 MAX_LENGTH = 10_000_000
 MAX_STREAMS = 4096
+MAX_TEMPERATURE = 100.0
 UNIFORM_BLOCK = 256            # steps of random numbers drawn at once
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def check_temperature(value: float, option: str = "--temperature") -> None:
+    if not 0.0 <= value <= MAX_TEMPERATURE:
+        raise CharLSTMError(f"{option} must be in [0, {MAX_TEMPERATURE:g}], not {value}")
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,7 @@ class SamplingConfig:
     top_p: float = 1.0         # 1 = off
 
     def validate(self) -> None:
-        if not 0.0 <= self.temperature <= 100.0:
-            raise CharLSTMError(f"--temperature must be in [0, 100], not {self.temperature}")
+        check_temperature(self.temperature)
         if self.top_k < 0:
             raise CharLSTMError(f"--top-k must not be negative, not {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -258,12 +263,7 @@ class Generator:
 
     def __init__(self, trained: TrainedModel, device: str | torch.device = "cpu", backend: str = "auto",
                  precision: str = "fp32") -> None:
-        if backend not in BACKENDS:
-            raise CharLSTMError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-        if precision not in PRECISIONS:
-            raise CharLSTMError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        if precision == "bf16" and backend == "module":
-            raise CharLSTMError("--precision bf16 runs on the native and torch backends, not module")
+        check_backend(backend, precision)
         self.precision = precision
         self.trained = trained
         self.model = trained.model.to(device).eval()

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 from .errors import CharLSTMError
+from .evaluate import LN2
 
 JSONL_NAME = "metrics.jsonl"
 CSV_NAME = "metrics.csv"
 PLOT_NAME = "loss.png"
-LN2 = math.log(2.0)
 
 
 class MetricsLog:
