@@ -106,3 +106,12 @@ def test_huge_prepared_data_refuses_the_batchings_that_index_every_example(data_
     monkeypatch.setattr(train_module, "MAX_INDEXED_TEXT", 1000)
     with pytest.raises(CharLSTMError, match="use --batching streams"):
         fit(data=data_dir, preset="tutorial-small", output_dir=str(tmp_path), log=lambda *_: None, progress=False)
+
+
+def test_a_long_prepared_validation_text_is_scored_in_a_fixed_part(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("charlstm.train"), "PREPARED_VAL_CHARS", 1000)
+    lines = []
+    result = fit(data=data_dir, output_dir=str(tmp_path), log=lines.append, progress=False, layers=1, units=16,
+                 embedding_dim=8, batch_size=4, bptt=20, max_steps=1, eval_every=1, threads=1)
+    assert result.trained.training.data.val_characters == 1000
+    assert any("--val-chars N to change" in line for line in lines)

@@ -11,7 +11,9 @@ nothing but the per-code-point counts and one chunk is ever held. The output fol
 * ``manifest.json``: normalisation, encoding, split and every source with size and SHA-256.
 
 Cleaning is ``corpus.py``'s: the same normalisation as ``train --text``, Gutenberg header and
-footer found per file (searched in the file's first and last bytes for big files).
+footer found per file (searched in the file's first and last bytes for big files). One known
+difference: a Greek capital sigma on the edge of a 4 MB chunk is lowercased without the
+context that decides between final and medial sigma.
 """
 
 from __future__ import annotations
