@@ -65,7 +65,10 @@ class Vocab:
 
     @classmethod
     def from_json(cls, data: str | list) -> "Vocab":
-        chars = json.loads(data) if isinstance(data, str) else data
+        try:
+            chars = json.loads(data) if isinstance(data, str) else data
+        except (json.JSONDecodeError, RecursionError):
+            raise CharLSTMError("the stored vocabulary is not valid JSON") from None
         if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
             raise CharLSTMError("the stored vocabulary is not a list of characters")
         return cls(tuple(chars))
