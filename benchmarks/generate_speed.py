@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from charlstm import CharLSTM, Generator, ModelConfig, SamplingConfig, TrainedModel, Vocab
-from charlstm.fast_step import native_library
+from charlstm.native import native_library
 
 KERAS_TUTORIAL_CHARS_PER_S = 12.4  # the tutorial's code under Keras 3.15 / TF 2.21 here (issue 4)
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "keras" / "wonderland.txt"

@@ -38,6 +38,31 @@ def test_newer_header_form_and_end_marker_without_the_end():
     assert normalize(raw, Normalization(lowercase=False)) == "Body line\n"
 
 
+GUTENBERG = ("corpora", "gutenberg")
+
+
+@pytest.mark.parametrize("author, book, first, last", [
+    # indented "  *** START OF THIS PROJECT ..." markers
+    ("Kipling, Rudyard", "The Light That Failed.txt", "THE LIGHT THAT FAILED", "with Dick’s body in his\narms."),
+    # an old etext: the header ends at "*END*THE SMALL PRINT!...", the book at "End of The Project..."
+    ("Kipling, Rudyard", "The Day's Work - Part 01.txt", "THE DAY'S WORK", "End of \"THE DAY'S WORK\" - PART I"),
+    # a play ends with "THE END" mid-file: the rest of the book is kept up to the end marker
+    ("Stevenson, Robert Louis", "The Plays of W. E. Henley and R. L. Stevenson.txt", None, None),
+])
+def test_gutenberg_marker_variants_of_the_shared_books(author, book, first, last):
+    from conftest import shared_file
+
+    raw = shared_file(*GUTENBERG, author, book).read_bytes().decode("utf-8")
+    text = normalize(raw, Normalization(lowercase=False))
+    assert "SMALL PRINT" not in text and "*** START" not in text and "*** END" not in text
+    assert "Project Gutenberg" not in text[-2000:] and "Gutenberg License" not in text
+    assert len(text) > 0.8 * len(raw) - 25_000  # only the licence (~20,000 characters) went
+    if first:
+        assert first in text[:500]
+    if last:
+        assert text.rstrip().endswith(last), text[-200:]
+
+
 def test_text_without_markers_is_used_whole():
     assert strip_gutenberg_boilerplate("just text\nmore\n") == "just text\nmore\n"
 

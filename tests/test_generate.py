@@ -13,8 +13,8 @@ import torch
 from charlstm import CharLSTM, CharLSTMError, Generator, ModelConfig, SamplingConfig, TrainedModel, Vocab
 from charlstm import checkpoint
 from charlstm.cli import main
-from charlstm.fast_step import (NATIVE_CACHE_ENV, LeanWeights, NativeSampler, NativeStepper, make_stepper,
-                                native_library)
+from charlstm.fast_step import LeanWeights, NativeStepper, make_stepper
+from charlstm.native import NATIVE_CACHE_ENV, NativeSampler, native_library
 from charlstm.generate import BatchSampler, StopMatcher, numpy_draw, stream_uniforms
 
 LEAN_BACKENDS = ("native", "torch")

@@ -9,6 +9,7 @@ import argparse
 import random
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -17,8 +18,10 @@ from . import checkpoint
 from .baselines import compressor_baselines, format_baselines, versus_best
 from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization
 from .data import split_train_val
+from .dynamic_eval import DynamicConfig, dynamic_evaluate
 from .errors import CharLSTMError
 from .fast_step import BACKENDS
+from .finetune import resolve_init
 from .generate import MODES, Generator, SamplingConfig
 from .keras_import import CHECK_CHARS, ImportOptions, TextReading, import_keras, keras_stem
 from .metrics import plot_run
@@ -110,6 +113,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
     g.add_argument("--resume", type=Path, metavar="CHECKPOINT",
                    help="continue from a checkpoint: last.safetensors exactly, any other one as fine-tuning")
+    g.add_argument("--init", metavar="english|CHECKPOINT",
+                   help="fine-tune a pretrained model on this text: 'english' (the shipped base) or a checkpoint")
     g.add_argument("--sample-every", type=int, metavar="N", help="print generated samples every N epochs")
     g.add_argument("--sample-temperatures", type=_float_list, metavar="T,T,...",
                    help="temperatures for those samples (default 0.2,0.5,1.0)")
@@ -194,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation does); 0 = the whole text")
     p.add_argument("--unknown", choices=["error", "skip"], default="error",
                    help="characters the model does not know: stop with an error, or skip them")
+    p.add_argument("--dynamic", action="store_true",
+                   help="also score with dynamic evaluation: the weights adapt to the text already scored")
+    p.add_argument("--dynamic-lr", type=float, default=DynamicConfig.lr, help="its RMS-normalised step size")
+    p.add_argument("--dynamic-segment", type=_positive_int, default=DynamicConfig.segment,
+                   help="characters scored between its updates")
+    p.add_argument("--dynamic-decay", type=float, default=DynamicConfig.decay,
+                   help="share of the way back to the original weights after each update")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="what a checkpoint holds")
@@ -260,12 +273,15 @@ TRAIN_OPTIONS = ("input", "embedding_dim", "layers", "units", "dropout", "input_
 
 
 def _train(args: argparse.Namespace):
+    if args.init is not None:
+        resolve_init(args.init)  # a missing model is reported before the text is read
     if args.resume is not None:  # read the text the way the checkpoint's text was read
         norm = checkpoint.load(args.resume).normalization
         args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
     corpus = corpus_from_args(args)
     overrides = {name: getattr(args, name) for name in TRAIN_OPTIONS}
-    result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, **overrides)
+    result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, init=args.init,
+                 **overrides)
     if result.best_path:
         print(f"best checkpoint: {result.best_path}")
     return result
@@ -334,19 +350,33 @@ def _write_flushed(text: str) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    dynamic = DynamicConfig(lr=args.dynamic_lr, segment=args.dynamic_segment, decay=args.dynamic_decay)
+    dynamic.validate()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     trained = checkpoint.load(args.checkpoint)
     norm = trained.normalization
     args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
     corpus = corpus_from_args(args)
     ids = trained.vocab.encode(corpus.text, unknown=args.unknown)
     context, scored = split_train_val(ids, args.val_fraction) if args.val_fraction else (ids[:0], ids)
+    started = time.perf_counter()
     nats = evaluate_ids(trained.model, scored, context=context[-trained.config.window:])
+    static_seconds = time.perf_counter() - started
     bits = nats / LN2
     baselines = compressor_baselines(trained.vocab.decode(context), trained.vocab.decode(scored))
     where = f"the last {args.val_fraction:.0%} of the text" if args.val_fraction else "the whole text"
     print(f"scored: {len(scored):,} characters ({where})")
     print(f"model: {nats:.4f} nats/char = {bits:.4f} bits/char ({versus_best(bits, baselines)})")
     print(f"compressors: {format_baselines(baselines)} bits/char")
+    if args.dynamic:
+        result = dynamic_evaluate(trained.model, scored, context=context[-trained.config.window:], config=dynamic)
+        gain = 1 - result.nats_per_char / nats
+        print(f"static: {nats:.4f} nats/char = {bits:.4f} bits/char in {static_seconds:.1f} s")
+        print(f"dynamic: {result.nats_per_char:.4f} nats/char = {result.nats_per_char / LN2:.4f} bits/char "
+              f"in {result.seconds:.1f} s ({result.seconds / max(static_seconds, 1e-9):.1f}x the static time; "
+              f"lr {dynamic.lr:g}, segment {dynamic.segment}, decay {dynamic.decay:g}): "
+              f"{gain:.1%} fewer nats/char than static")
     return 0
 
 
@@ -380,6 +410,10 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
         loss = training.get("loss")
         lines.append(f"imported from Keras: {keras.get('file')} ({keras.get('format')}), text {keras.get('text')}"
                      + (f", training loss {loss}" if loss is not None else ""))
+    init = training.get("init")
+    if init:
+        lines.append(f"fine-tuned from: {init.get('init')} (sha256 {str(init.get('sha256'))[:12]}, "
+                     f"{init.get('characters_new', 0)} new characters)")
     lines.append(f"epochs trained: {training.get('epoch', len(history))}")
     vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
     if vals:

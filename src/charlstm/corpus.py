@@ -1,7 +1,9 @@
 """Stage 1: getting text. Reads files or Project Gutenberg books and cleans them.
 
 Cleaning follows the tutorial: drop the Gutenberg header (through the ``*** START OF ...``
-line), end the book at the line ``THE END`` (or at ``*** END OF ...``), lowercase by default.
+line, in any of the variants Gutenberg has shipped), end the book at the footer (``*** END OF
+...`` or the "End of the Project Gutenberg EBook" line before it) or, in a file without one,
+at its last ``THE END`` line; lowercase by default.
 """
 
 from __future__ import annotations
@@ -31,9 +33,16 @@ GUTENBERG_URLS = (
 # Names a book may have inside a mirror directory or under a mirror URL, in order of preference.
 MIRROR_NAMES = ("pg{id}.txt", "{id}-0.txt", "{id}.txt", "{id}/pg{id}.txt", "{id}/{id}-0.txt")
 
-_START_RE = re.compile(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG EBOOK.*$", re.M)
-_END_RE = re.compile(r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG EBOOK.*$", re.M)
-_THE_END_RE = re.compile(r"^[ \t]*THE END[ \t]*$", re.M)
+# The marker variants Gutenberg has shipped: indented or not, with or without the space after
+# ``***``, THIS/THE, EBOOK/E-BOOK/ETEXT; old etexts end their header with the "small print"
+# line and their book with an "End of (the) Project Gutenberg Etext" line.
+_START_RE = re.compile(
+    r"^[ \t]*(\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG (E-?BOOK|ETEXT)"
+    r"|\*END\*? ?THE SMALL PRINT).*$", re.M | re.I)
+_END_RE = re.compile(
+    r"^[ \t]*(\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG (E-?BOOK|ETEXT)"
+    r"|END OF (THE |THIS )?PROJECT GUTENBERG(['’]S)?\b).*$", re.M | re.I)
+_THE_END_RE = re.compile(r"^[ \t]*THE END[ \t.]*$", re.M)
 MAX_TEXT_BYTES = 2 * 1024**3
 
 
@@ -165,12 +174,14 @@ def strip_gutenberg_boilerplate(text: str) -> str:
     start = _START_RE.search(text)
     if start:
         text = text[start.end():].lstrip("\n")
-    the_end = _THE_END_RE.search(text)
-    if the_end:
-        return text[: the_end.end()] + "\n"
     end = _END_RE.search(text)
     if end:
         return text[: end.start()].rstrip() + "\n"
+    # Without an end marker the book ends at its last "THE END" line (a collection has one
+    # per story, and plays and sketches go on after one: the first would drop the rest).
+    the_ends = list(_THE_END_RE.finditer(text))
+    if the_ends:
+        return text[: the_ends[-1].end()] + "\n"
     return text
 
 

@@ -29,8 +29,8 @@ import torch
 
 from .checkpoint import TrainedModel
 from .errors import CharLSTMError
-from .fast_step import (BACKENDS, LeanWeights, NativeSampler, Stepper, lean_supported, make_stepper,
-                        native_library)
+from .fast_step import BACKENDS, LeanWeights, Stepper, lean_supported, make_stepper
+from .native import NativeSampler, native_library
 
 MODES = ("auto", "stateful", "window")
 MAX_LENGTH = 10_000_000

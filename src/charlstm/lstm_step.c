@@ -1,12 +1,12 @@
 /* charlstm's native step kernel: one time step of a stack of LSTM layers plus the output
  * head, for B independent streams, in one call.
  *
- * charlstm.fast_step compiles this file on first use (cc -O3 -march=native), caches the
+ * charlstm.native compiles this file on first use (cc -O3 -march=native), caches the
  * library and calls it through ctypes. It exists because for one stream the work per
  * character is two small matrix-vector products, and the BLAS gemv behind PyTorch and
  * NumPy reaches only about a third of this machine's cache bandwidth on them.
  *
- * Layout (prepared by fast_step.py):
+ * Layout (prepared by native.py):
  *  - every matrix is packed in panels of CHUNK consecutive outputs: panel p is a contiguous
  *    block of K rows, row k holding the weights from input k to outputs p*CHUNK.. p*CHUNK+63,
  *    so one panel streams through the cache once per step whatever the batch size;

@@ -39,6 +39,10 @@ LIMITS = {"vocab_size": 65535, "layers": 64, "units": 16384, "embedding_dim": 16
 State = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+# Settings that may change when a model is resumed or fine-tuned (no parameter changes).
+REGULARISATION_FIELDS = ("dropout", "input_dropout", "weight_drop", "variational")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int

@@ -39,7 +39,8 @@ from .data import (IGNORE_INDEX, SentenceBatches, StatefulWindowBatches, StreamB
                    random_windows, split_train_val)
 from .errors import CharLSTMError
 from .metrics import MetricsLog
-from .model import CharLSTM, ModelConfig, detach_state
+from .finetune import load_init
+from .model import REGULARISATION_FIELDS, CharLSTM, ModelConfig, detach_state
 from .train_state import pack_carry, pack_optimizer, pack_rng, restore_rng, unpack_carry, unpack_optimizer
 from .vocab import Vocab
 
@@ -50,8 +51,6 @@ RESUME_NAME = "last.safetensors"
 UNLIMITED_EPOCHS = 1_000_000
 BASELINE_CONTEXT = 8_000_000  # training characters the compressors see before the validation text
 BASELINE_VAL = 2_000_000      # validation characters they compress (all of it for books)
-# Model settings that may change when a checkpoint is resumed or fine-tuned (no parameter changes).
-REGULARISATION_FIELDS = ("dropout", "input_dropout", "weight_drop", "variational")
 
 
 @dataclass(frozen=True)
@@ -294,8 +293,10 @@ class Trainer:
         corpus: Corpus | None = None,
         log: Callable[[str], None] = print,
         progress: bool = True,
+        init: dict | None = None,
     ) -> None:
         config.validate()
+        self.init = init  # where the weights started: the --init record, kept in every checkpoint
         self.config = config
         self.vocab = vocab
         self.log = log
@@ -395,6 +396,7 @@ class Trainer:
         m = self.model.config
         self.carry = unpack_carry(trained.extra, m.layers, self.config.batch_size, m.units, self.device)
         self.history = [EpochRecord.from_dict(r) for r in trained.training.get("history", [])]
+        self.init = trained.training.get("init", self.init)
         self.baselines = [Baseline(**b) for b in trained.training.get("baselines", [])]
         if record.get("fingerprint") != self.data_info["fingerprint"]:
             self.log("warning: this text differs from the one the checkpoint was trained on; "
@@ -632,6 +634,7 @@ class Trainer:
             "data": self.data_info,
             "baselines": [asdict(b) for b in self.baselines],
             "best": best,
+            **({"init": self.init} if self.init else {}),
         }
 
     def _trained_model(self, extra: dict | None = None, resume: dict | None = None) -> TrainedModel:
@@ -751,6 +754,12 @@ def _one_cpu_thread(device: torch.device):
             torch.set_num_threads(threads)
 
 
+# How a fine-tuning run differs from the preset's recipe (chosen by measurement: README,
+# "Fine-tuning from the English base"): the weights already work, so a shorter warm-up and a
+# lower peak learning rate keep the first steps from undoing them.
+FINE_TUNING = dict(lr=3e-3, warmup_steps=20)
+
+
 def train(
     corpus: Corpus,
     preset: str = "default",
@@ -763,13 +772,22 @@ def train(
 
 
 def fit(corpus: Corpus, preset: str = "default", log: Callable[[str], None] = print,
-        progress: bool = True, resume: str | Path | None = None, **overrides) -> TrainResult:
+        progress: bool = True, resume: str | Path | None = None, init: str | Path | None = None,
+        **overrides) -> TrainResult:
     """Like ``train`` but returns the whole ``TrainResult`` (history, best path, interruption).
 
     ``resume``: a checkpoint to continue from. ``last.safetensors`` continues exactly (same
     settings unless overridden); any other checkpoint, e.g. an imported Keras model, is
     fine-tuned with its own model settings and a fresh optimiser.
+
+    ``init``: start from a pretrained model (``"english"``, the shipped base, or a checkpoint
+    path) remapped onto this corpus's characters, with the preset's regularisation and the
+    fine-tuning schedule (``FINE_TUNING``); explicit options win.
     """
+    if resume is not None and init is not None:
+        raise CharLSTMError("--init starts a new run and --resume continues one: pass only one of them")
+    if init is not None:
+        return _fit_from_init(corpus, init, preset, log, progress, overrides)
     if resume is not None:
         return _fit_resumed(corpus, Path(resume), preset, log, progress, overrides)
     vocab = Vocab.from_text(corpus.text)
@@ -779,6 +797,26 @@ def fit(corpus: Corpus, preset: str = "default", log: Callable[[str], None] = pr
     torch.manual_seed(train_config.seed)
     model = CharLSTM(model_config)
     trainer = Trainer(model, vocab, ids, train_config, corpus=corpus, log=log, progress=progress)
+    return trainer.fit()
+
+
+def _fit_from_init(corpus: Corpus, init: str | Path, preset: str, log, progress: bool,
+                   overrides: dict) -> TrainResult:
+    vocab = Vocab.from_text(corpus.text)
+    model_over, train_over = split_overrides(overrides)
+    preset_model, preset_train = PRESETS[_fine_tuning_preset(preset, ModelConfig(vocab_size=1))]
+    regularisation = {k: v for k, v in preset_model.items() if k in REGULARISATION_FIELDS}
+    started = load_init(init, vocab, {**regularisation, **model_over})
+    train_config = _finish_train_config({**preset_train, **FINE_TUNING, **train_over}, train_over)
+    ids = vocab.encode(corpus.text)
+    _check_length(ids, started.model.config, train_config)
+    record = started.record
+    new = "".join(record["new_characters"])
+    log(f"starting from {record['init']} ({started.model.num_parameters():,} parameters): "
+        f"{record['characters_shared']} of the text's {len(vocab)} characters known"
+        + (f", new: {new!r}" if new else ""))
+    trainer = Trainer(started.model, vocab, ids, train_config, corpus=corpus, log=log, progress=progress,
+                      init=record)
     return trainer.fit()
 
 

@@ -1,0 +1,171 @@
+"""Better text from a small book: fine-tuning from the English base, dynamic evaluation.
+
+Every number is validation nats/char (and bits/char) on the last 10 % of the text, scored left
+to right with the state carried, as training's validation does. Rows (``--rows``):
+
+* ``finetune``: Alice (the tutorial's Gutenberg file, lowercased as the tutorial does)
+  fine-tuned from the shipped English base (``charlstm train --init english``) for each budget;
+* ``scratch``: the same text trained from scratch with the default recipe, same budgets;
+* ``dynamic``: static vs dynamic evaluation of the best Alice checkpoint of this run;
+* ``heldout``: the base on a book it never saw (Kipling's "The Jungle Book": the base's
+  training held out every Kipling book), static and dynamic, its first ``--heldout-chars``;
+
+Training runs are ``charlstm train`` child processes, one at a time. The table says which CPU,
+the torch version and the load average before and after, because the machine may be shared.
+
+    python benchmarks/quality.py --rows finetune,dynamic,heldout --budgets 1,3,10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+import torch  # noqa: E402
+
+from charlstm import checkpoint  # noqa: E402
+from charlstm.corpus import Corpus, Normalization, normalize, read_text_file  # noqa: E402
+from charlstm.data import split_train_val  # noqa: E402
+from charlstm.dynamic_eval import DynamicConfig, dynamic_evaluate  # noqa: E402
+from charlstm.finetune import PRETRAINED  # noqa: E402
+from charlstm.train import evaluate_ids  # noqa: E402
+from train_quality import cpu_name  # noqa: E402
+
+LN2 = math.log(2.0)
+SHARED = REPO.parent / "shared" / "corpora"
+ALICE = SHARED / "pg11.txt"
+HELDOUT_BOOK = SHARED / "gutenberg" / "Kipling, Rudyard" / "The Jungle Book.txt"
+
+
+@dataclass
+class Row:
+    what: str
+    budget: str
+    nats: float
+    seconds: float
+    note: str = ""
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def train_run(name: str, budget_min: float, text: Path, out: Path, extra: list[str], threads: int) -> dict:
+    """One ``charlstm train`` child process; returns its best checkpoint's training record."""
+    run_dir = out / f"{name}-{budget_min:g}min"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for old in run_dir.glob("*.safetensors"):
+        old.unlink()
+    cmd = [sys.executable, "-m", "charlstm", "train", "--text", str(text), "--time-budget",
+           str(budget_min * 60), "-o", str(run_dir), "--no-progress", "--threads", str(threads), *extra]
+    with open(run_dir / "train.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    best = checkpoint.load(run_dir / "best.safetensors")
+    history = best.training["history"]
+    return {"path": run_dir / "best.safetensors", "val_loss": best.training["best"]["val_loss"],
+            "epochs": len(history), "elapsed": history[-1]["elapsed"],
+            "chars_per_s": sum(h["chars_per_s"] for h in history) / len(history)}
+
+
+def training_rows(kind: str, budgets: list[float], out: Path, threads: int) -> tuple[list[Row], Path | None]:
+    rows, best_path, best_loss = [], None, math.inf
+    extra = ["--init", "english"] if kind == "finetune" else []
+    label = "Alice, fine-tuned from the English base" if kind == "finetune" else "Alice, from scratch (default)"
+    for budget in budgets:
+        run = train_run(kind, budget, ALICE, out, extra, threads)
+        rows.append(Row(label, f"{budget:g} min", run["val_loss"], run["elapsed"],
+                        f"{run['epochs']} epochs, {run['chars_per_s']:,.0f} chars/s"))
+        print(f"# {label}, {budget:g} min: {run['val_loss']:.4f} nats/char", flush=True)
+        if run["val_loss"] < best_loss:
+            best_loss, best_path = run["val_loss"], run["path"]
+    return rows, best_path
+
+
+def static_and_dynamic(what: str, model_path: Path, context, scored, dynamic: DynamicConfig) -> list[Row]:
+    trained = checkpoint.load(model_path)
+    start = time.perf_counter()
+    static = evaluate_ids(trained.model, scored, context=context)
+    static_s = time.perf_counter() - start
+    result = dynamic_evaluate(trained.model, scored, context=context, config=dynamic)
+    gain = 1 - result.nats_per_char / static
+    setting = f"lr {dynamic.lr:g}, segment {dynamic.segment}, decay {dynamic.decay:g}"
+    return [Row(f"{what}: static", "–", static, static_s, f"{len(scored):,} characters"),
+            Row(f"{what}: dynamic", "–", result.nats_per_char, result.seconds,
+                f"{gain:.1%} fewer nats/char than static, {result.seconds / static_s:.1f}x its time; {setting}")]
+
+
+def alice_validation(model_path: Path):
+    trained = checkpoint.load(model_path)
+    corpus = Corpus.from_files(ALICE, trained.normalization)
+    train_ids, val_ids = split_train_val(trained.vocab.encode(corpus.text), 0.1)
+    return train_ids[-trained.config.window:], val_ids
+
+
+def heldout_rows(chars: int, dynamic: DynamicConfig) -> list[Row]:
+    base = PRETRAINED["english"]
+    trained = checkpoint.load(base)
+    text = normalize(read_text_file(HELDOUT_BOOK), trained.normalization).replace("\u00a0", " ")
+    ids = trained.vocab.encode(text[:chars], unknown="skip")
+    return static_and_dynamic('the base on "The Jungle Book" (Kipling, never seen)', base, ids[:0], ids, dynamic)
+
+
+def print_table(rows: list[Row], header: str) -> None:
+    print(header)
+    print("| what | budget | nats/char | bits/char | seconds | notes |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r.what} | {r.budget} | {r.nats:.4f} | {r.nats / LN2:.4f} | {r.seconds:.0f} | {r.note} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="finetune,dynamic,heldout")
+    parser.add_argument("--budgets", default="1,3,10", help="minutes, comma-separated")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("quality-runs"))
+    parser.add_argument("--heldout-chars", type=int, default=100_000)
+    parser.add_argument("--dynamic-lr", type=float, default=DynamicConfig.lr)
+    parser.add_argument("--dynamic-segment", type=int, default=DynamicConfig.segment)
+    parser.add_argument("--dynamic-decay", type=float, default=DynamicConfig.decay)
+    parser.add_argument("--checkpoint", type=Path, help="the Alice checkpoint for the dynamic row "
+                        "(default: the best fine-tuned one of this run)")
+    args = parser.parse_args(argv)
+    rows_wanted = set(args.rows.split(","))
+    budgets = [float(b) for b in args.budgets.split(",")]
+    dynamic = DynamicConfig(lr=args.dynamic_lr, segment=args.dynamic_segment, decay=args.dynamic_decay)
+    torch.set_num_threads(args.threads)
+    load_before, started = load_average(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rows: list[Row] = []
+    best_alice = args.checkpoint
+    if "finetune" in rows_wanted:
+        tuned, best_tuned = training_rows("finetune", budgets, args.out, args.threads)
+        rows += tuned
+        best_alice = best_alice or best_tuned
+    if "scratch" in rows_wanted:
+        rows += training_rows("scratch", budgets, args.out, args.threads)[0]
+    if "dynamic" in rows_wanted:
+        if best_alice is None:
+            parser.error("the dynamic row needs --checkpoint or the finetune row")
+        context, val = alice_validation(best_alice)
+        rows += static_and_dynamic(f"Alice's last 10 %, {best_alice.parent.name}", best_alice, context, val, dynamic)
+    if "heldout" in rows_wanted:
+        rows += heldout_rows(args.heldout_chars, dynamic)
+    print_table(rows, f"{cpu_name()}, torch {torch.__version__}, {args.threads} threads, started {started}; "
+                      f"load average before {load_before}, after {load_average()}")
+    (args.out / "quality.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

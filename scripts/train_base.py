@@ -1,0 +1,266 @@
+"""Train the English base model that ``charlstm train --init english`` starts from.
+
+Corpus: the books of ``../shared/corpora/gutenberg/`` (Gutenberg header and footer removed by
+``charlstm.corpus``, CRLF normalised, case kept). Held out of training: every book by one
+author (Kipling by default; its "The Jungle Book" is the "book it never saw" of
+``benchmarks/quality.py``) and four validation books, one by each other author (their first
+``--val-chars-per-book`` characters are the validation text that selects ``best``).
+
+The vocabulary is fixed, not read from the text: printable ASCII, newline, curly quotes, dashes,
+the ellipsis, the pound sign and the accented letters that English books use; a no-break space
+becomes a space and rarer characters are dropped. Fine-tuning maps other characters onto new
+rows (``charlstm.init``).
+
+The run is one pass (or less) over ~100 M characters: a training loop of its own (streams with
+the state carried, AdamW, warm-up then a cosine planned on the wall-clock budget, bf16 autocast
+where the CPU has it) that every ``--save-every`` seconds scores the validation text and writes
+``last.safetensors`` and, when it improved, ``best.safetensors``, so stopping it at any time
+leaves a usable model. Run it at idle priority beside other work, e.g.::
+
+    OMP_WAIT_POLICY=PASSIVE chrt --idle 0 nice -n 19 python scripts/train_base.py \\
+        --out ../quality-runs/base --time-budget 5400 --threads 2
+
+``--measure`` only prints the training throughput of a few model sizes on this corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from charlstm import checkpoint
+from charlstm.checkpoint import TrainedModel
+from charlstm.corpus import Normalization, normalize, read_text_file
+from charlstm.data import StreamBatches, random_windows
+from charlstm.model import CharLSTM, ModelConfig, detach_state
+from charlstm.train import LN2, autocast_dtype, evaluate_ids
+from charlstm.vocab import Vocab
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CORPUS = REPO.parent / "shared" / "corpora" / "gutenberg"
+HELD_OUT_AUTHOR = "Kipling"
+VAL_BOOKS = (
+    "Wells, H. G. (Herbert George)/The Time Machine.txt",
+    "Stevenson, Robert Louis/The Strange Case of Dr. Jekyll and Mr. Hyde.txt",
+    "Baum, L. Frank (Lyman Frank)/Dot and Tot of Merryland.txt",
+    "Twain, Mark/Tom Sawyer Abroad.txt",
+)
+NORMALIZATION = Normalization(lowercase=False, strip_punctuation=False, strip_gutenberg=True)
+EXTRA_CHARS = "‘’“”–—…£éèêëàâäçñüöôïîæœÉ"
+BOOK_SEPARATOR = "\n\n\n"
+
+
+def english_vocab() -> Vocab:
+    """What English books contain: printable ASCII, newline and the usual typographic extras."""
+    chars = {chr(c) for c in range(0x20, 0x7F)} | {"\n"} | set(EXTRA_CHARS)
+    return Vocab(tuple(sorted(chars)))
+
+
+def book_text(path: Path) -> str:
+    return normalize(read_text_file(path), NORMALIZATION).replace("\u00a0", " ").replace("\t", " ")
+
+
+def split_books(corpus: Path, held_out_author: str) -> tuple[list[Path], list[Path]]:
+    """(training books, validation books); the held-out author's books are in neither."""
+    books = sorted(corpus.glob("*/*.txt"))
+    if not books:
+        sys.exit(f"error: no books under {corpus}")
+    val = [corpus / name for name in VAL_BOOKS]
+    missing = [str(p) for p in val if not p.is_file()]
+    if missing:
+        sys.exit(f"error: validation books missing: {missing}")
+    train = [p for p in books if p not in val and held_out_author not in p.parent.name]
+    return train, val
+
+
+def encode_books(paths: list[Path], vocab: Vocab, chars_per_book: int | None = None) -> np.ndarray:
+    parts = []
+    for path in paths:
+        text = book_text(path)
+        parts.append(vocab.encode((text[:chars_per_book] if chars_per_book else text) + BOOK_SEPARATOR,
+                                  unknown="skip"))
+    return np.concatenate(parts)
+
+
+def model_config(args, vocab: Vocab) -> ModelConfig:
+    return ModelConfig(vocab_size=len(vocab), input="embedding", embedding_dim=args.embedding, layers=args.layers,
+                       units=args.units, dropout=args.dropout, variational=True, weight_drop=0.0,
+                       target="all", window=100)
+
+
+def lr_at(args, step: int, elapsed: float) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, elapsed / args.time_budget)
+    return args.lr * (args.final_lr + (1 - args.final_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class BaseRun:
+    def __init__(self, args, vocab: Vocab, train_ids: np.ndarray, val_ids: np.ndarray, sources: list[str]):
+        self.args, self.vocab, self.train_ids, self.val_ids = args, vocab, train_ids, val_ids
+        torch.manual_seed(args.seed)
+        self.model = CharLSTM(model_config(args, vocab))
+        self.amp = autocast_dtype("auto", torch.device("cpu"))
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        rest = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                            {"params": rest, "weight_decay": 0.0}], lr=args.lr)
+        self.batches = StreamBatches(train_ids, args.batch, args.bptt, random_offset=True, seed=args.seed)
+        seeds = random_windows(train_ids, 100, 200, args.seed)
+        self.seed_windows = [vocab.decode(row) for row in seeds]
+        self.history: list[dict] = []
+        self.best: float | None = None
+        self.sources = sources
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_file = (self.out / "log.jsonl").open("a")
+
+    def log(self, row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        self.log_file.write(json.dumps(row) + "\n")
+        self.log_file.flush()
+
+    def step(self, x, y, state, lr: float):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            logits, state = self.model(x, state)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return loss.item(), detach_state(state)
+
+    def run(self) -> None:
+        args, start = self.args, time.perf_counter()
+        state, step, chars, loss_sum, loss_n = None, 0, 0, 0.0, 0
+        next_save = args.save_every
+        epoch = 0
+        while True:
+            epoch += 1
+            for x, y in self.batches.epoch(epoch):
+                elapsed = time.perf_counter() - start
+                loss, state = self.step(x, y, state, lr_at(args, step, elapsed))
+                step, chars = step + 1, chars + y.numel()
+                loss_sum, loss_n = loss_sum + loss, loss_n + 1
+                elapsed = time.perf_counter() - start
+                done = elapsed >= args.time_budget - args.reserve
+                if elapsed >= next_save or done:
+                    self.checkpoint(step, chars, elapsed, loss_sum / loss_n, epoch)
+                    loss_sum, loss_n = 0.0, 0
+                    next_save = (time.perf_counter() - start) + args.save_every
+                if done:
+                    return
+            state = None
+
+    def checkpoint(self, step: int, chars: int, elapsed: float, train_loss: float, epoch: int) -> None:
+        t0 = time.perf_counter()
+        val = evaluate_ids(self.model, self.val_ids, amp_dtype=self.amp)
+        self.model.train()
+        row = {"step": step, "chars": chars, "epoch": epoch, "elapsed_s": round(elapsed, 1),
+               "train_loss": round(train_loss, 4), "val_loss": round(val, 4), "val_bpc": round(val / LN2, 4),
+               "chars_per_s": round(chars / elapsed), "eval_s": round(time.perf_counter() - t0, 1),
+               "rss_mib": round(rss_mib())}
+        self.history.append(row)
+        improved = self.best is None or val < self.best
+        self.best = val if improved else self.best
+        trained = self.trained(row)
+        checkpoint.save(self.out / "last.safetensors", trained)
+        if improved:
+            checkpoint.save(self.out / "best.safetensors", trained)
+            row["saved_best"] = True
+        self.log(row)
+
+    def trained(self, row: dict) -> TrainedModel:
+        args = self.args
+        record = {
+            "config": {"recipe": "scripts/train_base.py", **{k: v for k, v in vars(args).items() if k != "measure"}},
+            "history": self.history,
+            "data": {"sources": self.sources, "train_characters": int(len(self.train_ids)),
+                     "val_characters": int(len(self.val_ids)), "held_out_author": args.held_out_author,
+                     "val_books": list(VAL_BOOKS), "characters_seen": row["chars"]},
+            "best": {"val_loss": self.best, "val_bpc": self.best / LN2},
+            "time_seconds": row["elapsed_s"],
+        }
+        return TrainedModel(model=self.model, vocab=self.vocab, normalization=NORMALIZATION, training=record,
+                            seed_windows=self.seed_windows)
+
+
+def measure(args, vocab: Vocab, train_ids: np.ndarray) -> None:
+    """Training chars/s of a few sizes on this corpus (same threads, precision and batch)."""
+    for layers, units in ((2, 256), (2, 384), (2, 512), (3, 384)):
+        args.layers, args.units = layers, units
+        run = BaseRun(args, vocab, train_ids[:2_000_000], train_ids[:1000], [])
+        batches = run.batches.epoch(1)
+        state = None
+        for _ in range(3):
+            x, y = next(batches)
+            _, state = run.step(x, y, state, 1e-3)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < args.measure:
+            x, y = next(batches)
+            _, state = run.step(x, y, state, 1e-3)
+            n += y.numel()
+        rate = n / (time.perf_counter() - t0)
+        params = run.model.num_parameters()
+        print(f"{layers}x{units}: {params:,} parameters, {rate:,.0f} chars/s, "
+              f"{rate * args.time_budget / 1e6:.0f} M chars in {args.time_budget:.0f} s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    parser.add_argument("--out", type=Path, default=Path("base-run"))
+    parser.add_argument("--held-out-author", default=HELD_OUT_AUTHOR)
+    parser.add_argument("--val-chars-per-book", type=int, default=60_000)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--units", type=int, default=384)
+    parser.add_argument("--embedding", type=int, default=64)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--bptt", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=4e-3)
+    parser.add_argument("--final-lr", type=float, default=0.05, help="the cosine ends at lr * this")
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--time-budget", type=float, default=5400.0, help="seconds of training")
+    parser.add_argument("--reserve", type=float, default=30.0, help="seconds kept for the last save")
+    parser.add_argument("--save-every", type=float, default=600.0, help="seconds between saves")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--measure", type=float, default=0.0, help="only measure chars/s, this many s per size")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    vocab = english_vocab()
+    train_books, val_books = split_books(args.corpus, args.held_out_author)
+    t0 = time.perf_counter()
+    train_ids = encode_books(train_books, vocab)
+    val_ids = encode_books(val_books, vocab, args.val_chars_per_book)
+    print(f"{len(train_books)} training books, {len(train_ids):,} characters; {len(val_ids):,} validation "
+          f"characters from {len(val_books)} books; vocabulary {len(vocab)}; encoded in "
+          f"{time.perf_counter() - t0:.0f} s; peak RSS {rss_mib():,.0f} MiB", flush=True)
+    if args.measure:
+        measure(args, vocab, train_ids)
+        return
+    run = BaseRun(args, vocab, train_ids, val_ids, [str(p.relative_to(args.corpus)) for p in train_books])
+    print(f"model {args.layers}x{args.units}: {run.model.num_parameters():,} parameters, "
+          f"precision {'bf16' if run.amp else 'fp32'}, threads {torch.get_num_threads()}", flush=True)
+    run.run()
+
+
+if __name__ == "__main__":
+    main()
