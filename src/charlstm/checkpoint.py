@@ -23,7 +23,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from .corpus import Normalization
 from .errors import CharLSTMError
-from .fileio import NAME_MAX, atomic_write_bytes, check_name
+from .checks import check_name
+from .fileio import NAME_MAX, atomic_write_bytes
 from .model import CharLSTM, ModelConfig
 from .vocab import Vocab
 
@@ -240,7 +241,7 @@ _HISTORY_ROW = {"epoch": _is_int, "loss": _is_number, "val_loss": _is_optional_n
 _POSITION = {"epoch": _is_int, "batch": _is_int, "step": _is_int, "elapsed": _is_number,
              "best": _is_optional_number, "epochs_since_best": _is_int, "loss_sum": _is_number,
              "targets": _is_int, "epoch_seconds": _is_number,
-             "best_path": lambda v: v is None or isinstance(v, str)}
+             "best_path": lambda v: v is None or isinstance(v, str), "improvements": _is_str_list}
 _DATA = {"sources": _is_str_list, "characters": _is_int, "train_characters": _is_int,
          "val_characters": _is_int, "fingerprint": lambda v: isinstance(v, str)}
 _BASELINE = {"name": lambda v: isinstance(v, str), "bits_per_char": _is_number}
@@ -289,6 +290,7 @@ def metadata_problem(meta: dict) -> str | None:
         ("config", lambda v: None if isinstance(v, dict) else "training.config must be an object"),
         ("best", lambda v: None if isinstance(v, dict) else "training.best must be an object"),
         ("keras", lambda v: None if isinstance(v, dict) else "training.keras must be an object"),
+        ("init", lambda v: None if isinstance(v, dict) else "training.init must be an object"),
         ("epoch", lambda v: None if _is_int(v) else "training.epoch must be a whole number"),
         ("loss", lambda v: None if _is_optional_number(v) else "training.loss must be a number"),
         ("resume", _resume_problem),

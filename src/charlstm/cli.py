@@ -6,8 +6,11 @@ Every mistake a user can make ends in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import random
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,16 +22,23 @@ from .baselines import compressor_baselines, format_baselines, versus_best
 from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization
 from .data import split_train_val
 from .dynamic_eval import DynamicConfig, dynamic_evaluate
+from .checks import (check_device, check_float, check_int, check_output_dir, check_output_file, check_seed,
+                     check_threads)
 from .errors import CharLSTMError
 from .fast_step import BACKENDS
 from .finetune import resolve_init
-from .generate import MODES, Generator, SamplingConfig
+from .generate import MAX_LENGTH, MAX_STREAMS, MODES, Generator, SamplingConfig
 from .keras_import import CHECK_CHARS, ImportOptions, TextReading, import_keras, keras_stem
 from .metrics import plot_run
-from .train import LN2, PRESETS, evaluate_ids, fit
+from .train import DEFAULT_KEEP, LN2, PRESETS, evaluate_ids, fit, preset_configs
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143   # 128 + SIGTERM, what a shell reports for a terminated job
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (which handles it like Ctrl-C): stop now, quietly."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,6 +117,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop (and plan the schedule) by then")
     g.add_argument("-o", "--output-dir", help="folder for checkpoints and metrics (default: checkpoints)")
     g.add_argument("--checkpoint-template", help="e.g. 'weights-improvement-{epoch:02d}-{loss:.4f}'")
+    g.add_argument("--keep", type=int, metavar="N",
+                   help="keep the newest N weights-improvement files (best and last always stay; 0 = all; "
+                        f"default {DEFAULT_KEEP}, tutorial presets all, as Keras)")
+    g.add_argument("--ignore-lock", action="store_true", default=None,
+                   help="train into an output folder that another training is using")
     g.add_argument("--seed", type=int, help="random seed, for reproducible runs")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"])
@@ -260,7 +275,7 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
         raise CharLSTMError("give either --text or --gutenberg, not both")
     if args.text:
         return Corpus.from_files(args.text, norm)
-    return Corpus.gutenberg(args.gutenberg or DEFAULT_BOOK, norm, mirror=args.mirror,
+    return Corpus.gutenberg(DEFAULT_BOOK if args.gutenberg is None else args.gutenberg, norm, mirror=args.mirror,
                             cache_dir=args.cache_dir, offline=args.offline)
 
 
@@ -269,27 +284,64 @@ TRAIN_OPTIONS = ("input", "embedding_dim", "layers", "units", "dropout", "input_
                  "bptt", "stateful", "target", "val_fraction", "monitor", "patience", "time_budget", "output_dir",
                  "checkpoint_template", "seed", "device", "precision", "weight_drop", "variational",
                  "final_lr_fraction", "random_offset", "threads", "sample_every", "sample_temperatures",
-                 "sample_length")
+                 "sample_length", "keep", "ignore_lock")
+
+
+def prepare_training(args: argparse.Namespace) -> dict:
+    """Everything that can be checked before the text is read: every option's range, the
+    checkpoint template, the output folder (created, proven writable), and for ``run`` the
+    generation options. Returns the training overrides."""
+    overrides = {name: getattr(args, name) for name in TRAIN_OPTIONS}
+    if args.resume is None and args.init is None:
+        preset_configs(args.preset, 2, **overrides)  # validates both configs with these values
+    else:
+        check_seed(args.seed)
+        check_threads(args.threads)
+    if hasattr(args, "temperature"):  # charlstm run generates afterwards
+        check_generation_args(args)
+    if args.output_dir is not None or args.resume is None:
+        check_output_dir(args.output_dir or "checkpoints")
+    return overrides
+
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    """The generation options, before a model is loaded or trained (a batch is one allocation)."""
+    check_int("length", args.length, 0, MAX_LENGTH)
+    streams = len(args.temperature) * args.num_samples
+    if streams > MAX_STREAMS:
+        raise CharLSTMError(f"{len(args.temperature)} temperatures x --num-samples {args.num_samples} is "
+                            f"{streams:,} streams; at most {MAX_STREAMS} are generated at once")
+    for temperature in args.temperature:
+        SamplingConfig(temperature, args.top_k, args.top_p).validate()
+    if any(not stop for stop in args.stop):
+        raise CharLSTMError("--stop must not be empty")
+    check_seed(args.gen_seed, "seed")
+    check_threads(getattr(args, "threads", None), allow_zero=False)
 
 
 def _train(args: argparse.Namespace):
+    prepare_training(args)
     if args.init is not None:
         resolve_init(args.init)  # a missing model is reported before the text is read
     if args.resume is not None:  # read the text the way the checkpoint's text was read
         norm = checkpoint.load(args.resume).normalization
         args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
     corpus = corpus_from_args(args)
-    overrides = {name: getattr(args, name) for name in TRAIN_OPTIONS}
     result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, init=args.init,
-                 **overrides)
+                 **{name: getattr(args, name) for name in TRAIN_OPTIONS})
     if result.best_path:
         print(f"best checkpoint: {result.best_path}")
     return result
 
 
+def _exit_status(result) -> int:
+    if not result.interrupted:
+        return 0
+    return EXIT_TERMINATED if result.stop_signal == signal.SIGTERM else EXIT_INTERRUPTED
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    result = _train(args)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    return _exit_status(_train(args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -298,10 +350,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CharLSTMError("training stopped before the first checkpoint; nothing to generate from")
     _print_generation(Generator(result.trained, device=result.trained.model.head.weight.device,
                                 backend=args.backend), args)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    return _exit_status(result)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_generation_args(args)
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     trained = checkpoint.load(args.checkpoint, device=args.device)
@@ -352,6 +406,8 @@ def _write_flushed(text: str) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     dynamic = DynamicConfig(lr=args.dynamic_lr, segment=args.dynamic_segment, decay=args.dynamic_decay)
     dynamic.validate()
+    check_threads(args.threads, allow_zero=False)
+    check_float("val_fraction", args.val_fraction, 0.0, 1.0, high_open=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     trained = checkpoint.load(args.checkpoint)
@@ -360,6 +416,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     corpus = corpus_from_args(args)
     ids = trained.vocab.encode(corpus.text, unknown=args.unknown)
     context, scored = split_train_val(ids, args.val_fraction) if args.val_fraction else (ids[:0], ids)
+    _check_scorable(trained, context, scored, args)
     started = time.perf_counter()
     nats = evaluate_ids(trained.model, scored, context=context[-trained.config.window:])
     static_seconds = time.perf_counter() - started
@@ -378,6 +435,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"lr {dynamic.lr:g}, segment {dynamic.segment}, decay {dynamic.decay:g}): "
               f"{gain:.1%} fewer nats/char than static")
     return 0
+
+
+def _check_scorable(trained: checkpoint.TrainedModel, context, scored, args: argparse.Namespace) -> None:
+    """A score needs characters to score: an empty selection would report 0 nats/char."""
+    window = trained.config.window if trained.config.target == "last" else 1
+    available = len(scored) - max(0, window - len(context))
+    if available < 1:
+        what = (f"--val-fraction {args.val_fraction:g} selects {len(scored)} characters"
+                if args.val_fraction else f"the text has {len(scored)} characters the model knows")
+        need = f" (a window model needs more than its window of {window})" if window > 1 else ""
+        raise CharLSTMError(f"nothing to score: {what}{need}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -434,7 +502,7 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    print(f"wrote {plot_run(args.run_dir, args.output)}")
+    print(f"wrote {plot_run(args.run_dir, args.output)}")  # the name really written (.png added, say)
     return 0
 
 
@@ -444,8 +512,9 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
     options = ImportOptions(reading=reading, window=args.window, activation=args.activation,
                             recurrent_activation=args.recurrent_activation, seed=args.seed,
                             check_chars=0 if args.no_check else CHECK_CHARS)
+    output = check_output_file(args.output if args.output is not None
+                               else Path(keras_stem(args.keras_file.name) + checkpoint.SUFFIX), "import-keras -o")
     result = import_keras(args.keras_file, args.text, options)
-    output = args.output or Path(keras_stem(args.keras_file.name) + checkpoint.SUFFIX)
     checkpoint.save(output, result.trained)
     print(result.description)
     for note in result.notes:
@@ -460,14 +529,73 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command line: one line on stderr and status 2 for anything a user can cause,
+    130 after Ctrl-C, 143 after SIGTERM; never a traceback."""
+    _prepare_process()
     try:
-        return args.func(args)
+        args = build_parser().parse_args(argv)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except CharLSTMError as err:
-        print(f"charlstm: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(str(err))
+    except Terminated:
+        print("\nterminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader went away (| head): nothing left to say
+        _silence_stdout()
         return 0
+    except MemoryError:
+        return _fail("out of memory: try a smaller model, batch or --num-samples")
+    except OSError as err:
+        _silence_stdout()
+        where = f"{err.filename}: " if err.filename else "writing the output: " if err.errno in _WRITE_ERRORS else ""
+        return _fail(f"{where}{err.strerror or err}")
+    except RuntimeError as err:
+        if "alloc" in str(err).lower() or "out of memory" in str(err).lower():
+            return _fail(f"out of memory ({str(err).splitlines()[0][:160]})")
+        raise
+
+
+_WRITE_ERRORS = (errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT, errno.EPIPE)
+
+
+def _fail(message: str) -> int:
+    print(f"charlstm: error: {' '.join(message.split(chr(10)))}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _prepare_process() -> None:
+    """Streams that cannot fail on a character (a C locale or PYTHONIOENCODING=ascii escapes
+    what it cannot encode), a closed stdout treated as /dev/null, SIGTERM as a quiet stop."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    if threading_is_main():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # __init__ made start-up quiet
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _silence_stdout() -> None:
+    """After a failed write, point stdout at /dev/null so the exit flush fails no more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

@@ -129,8 +129,13 @@ class StreamBatches:
                    torch.from_numpy(ys[:, sl].astype(np.int64)))
 
 
+MAX_SEED_TEXT = 2_000_000  # characters of seed windows a checkpoint's metadata may hold
+
+
 def random_windows(ids: np.ndarray, window: int, count: int, seed: int) -> np.ndarray:
-    """``count`` random windows of the text (the seeds a checkpoint carries for generation)."""
+    """``count`` random windows of the text (the seeds a checkpoint carries for generation), fewer
+    for very long windows so that the checkpoint's metadata stays small enough to load."""
+    count = max(1, min(count, MAX_SEED_TEXT // max(window, 1)))
     if len(ids) <= window:
         return np.asarray(ids)[None, :]
     starts = np.random.default_rng(seed).integers(0, len(ids) - window, size=count)

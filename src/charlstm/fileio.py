@@ -3,8 +3,8 @@
 * ``atomic_write_bytes``: a temporary file beside the target, written, flushed and fsynced,
   renamed over the target, then the folder fsynced, so a reader never sees half a file and a
   crash or a full disk never destroys the previous one.
-* ``check_output_file`` / ``check_output_dir``: refuse, before any work starts, outputs that
-  would replace a device, a FIFO or a folder, or that cannot be written at all.
+* ``writable_target``: never a device, FIFO or folder where a file is meant (the checks made
+  before any work starts are in ``checks``).
 * ``RunLock``: one training per output folder; an ``flock`` that dies with its process, so a
   killed run never leaves it stuck.
 * ``remove_stale_temporaries``: the hidden ``.NAME.PID.tmp`` files a killed writer left.
@@ -31,7 +31,7 @@ NAME_MAX = 255
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, fsync it and its folder, then publish it
     with a rename. On failure (a full disk, say) the temporary file goes and the old file stays."""
-    path = _writable_target(Path(path))
+    path = writable_target(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -91,7 +91,7 @@ def _reason(err: OSError) -> str:
     return err.strerror or str(err)
 
 
-def _writable_target(path: Path) -> Path:
+def writable_target(path: Path) -> Path:
     """The path a write really goes to: a symlink's regular-file target, or the path itself.
     Anything but a regular file (a device, FIFO, socket or folder) is never replaced."""
     try:
@@ -106,59 +106,6 @@ def _writable_target(path: Path) -> Path:
         raise CharLSTMError(f"{path}: is not a regular file (a device, FIFO or socket); "
                             f"charlstm only replaces regular files")
     return path.resolve() if path.is_symlink() else path
-
-
-# --------------------------------------------------------------------------- checks before work
-
-
-def check_name(name: str, what: str) -> None:
-    """A file name (one path component) the file system will take."""
-    if not name or name in (".", ".."):
-        raise CharLSTMError(f"{what}: {name!r} is not a file name")
-    if "/" in name or "\0" in name:
-        raise CharLSTMError(f"{what}: {name!r} must be a plain file name (no '/' or NUL)")
-    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
-        raise CharLSTMError(f"{what}: the file name is {len(name.encode('utf-8', 'surrogateescape'))} "
-                            f"bytes long; at most {NAME_MAX} are allowed")
-
-
-def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
-    """Refuse an output file that cannot be written or is not a file, before any work starts."""
-    text = os.fspath(path)
-    if not text:
-        raise CharLSTMError(f"{what}: an empty path is not a file name")
-    path = Path(text)
-    check_name(path.name, f"{what} {path}")
-    target = _writable_target(path)
-    check_output_dir(target.parent, what=f"{what} {path}", create=False)
-    return path
-
-
-def check_output_dir(folder: str | os.PathLike, what: str = "-o", create: bool = True) -> Path:
-    """A folder that exists (or is created) and takes a new file, proven by writing one."""
-    text = os.fspath(folder)
-    if not text:
-        raise CharLSTMError(f"{what}: an empty path is not a folder")
-    folder = Path(text)
-    for part in folder.parts:
-        if part not in ("/", "..", ".") and len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
-            raise CharLSTMError(f"{what}: a folder name in {folder} is longer than {NAME_MAX} bytes")
-    if folder.exists() and not folder.is_dir():
-        raise CharLSTMError(f"{what}: {folder} exists and is not a folder")
-    try:
-        if create:
-            folder.mkdir(parents=True, exist_ok=True)
-        elif not folder.is_dir():
-            raise CharLSTMError(f"{what}: the folder {folder} does not exist")
-        probe = folder / f".charlstm-probe.{os.getpid()}.tmp"
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.close(fd)
-        os.unlink(probe)
-    except CharLSTMError:
-        raise
-    except OSError as err:
-        raise CharLSTMError(f"{what}: cannot write in {folder} ({_reason(err)})") from None
-    return folder
 
 
 # --------------------------------------------------------------------------- one run per folder

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .checkpoint import TrainedModel
+from .checks import check_float, check_int, check_temperature
 from .errors import CharLSTMError
 from .fast_step import BACKENDS, LeanWeights, Stepper, lean_supported, make_stepper
 from .native import NativeSampler, native_library
@@ -35,6 +36,7 @@ from .native import NativeSampler, native_library
 MODES = ("auto", "stateful", "window")
 MAX_LENGTH = 10_000_000
 MAX_STREAMS = 4096
+MAX_TOP_K = 2**31               # any top-k at or above the vocabulary size (at most 65535) keeps all
 UNIFORM_BLOCK = 256            # steps of random numbers drawn at once
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -46,12 +48,9 @@ class SamplingConfig:
     top_p: float = 1.0         # 1 = off
 
     def validate(self) -> None:
-        if not 0.0 <= self.temperature <= 100.0:
-            raise CharLSTMError(f"--temperature must be in [0, 100], not {self.temperature}")
-        if self.top_k < 0:
-            raise CharLSTMError(f"--top-k must not be negative, not {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise CharLSTMError(f"--top-p must be in (0, 1], not {self.top_p}")
+        check_temperature(self.temperature)
+        check_int("top_k", self.top_k, 0, None)  # above the vocabulary size it keeps everything
+        check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -114,7 +113,7 @@ class _Group:
     def of(cls, samplings: Sequence[SamplingConfig], rows: list[int]) -> "_Group":
         return cls(np.array(rows, dtype=np.int64), len(rows) == len(samplings),
                    np.array([1.0 / samplings[i].temperature for i in rows], dtype=np.float64),
-                   np.array([samplings[i].top_k for i in rows], dtype=np.int64),
+                   np.array([min(samplings[i].top_k, MAX_TOP_K) for i in rows], dtype=np.int64),
                    np.array([samplings[i].top_p for i in rows], dtype=np.float64))
 
 

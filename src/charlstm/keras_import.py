@@ -49,6 +49,7 @@ MAX_WEIGHT_ELEMENTS = 1 << 28             # per tensor; refuses absurd shapes be
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_ARCHIVE_WEIGHTS_BYTES = 2 * 1024**3
 CHECK_CHARS = 256                         # characters scored after import as a sanity check
+CHECK_BUDGET = CHECK_CHARS * DEFAULT_WINDOW  # window steps that check may cost
 UTF8_BOM = "\ufeff"
 BYTES_BOM = "\xef\xbb\xbf"                # the UTF-8 BOM read byte by byte
 SUPPORTED_LAYERS = ("LSTM", "Dropout", "Dense", "Activation", "InputLayer")
@@ -787,7 +788,8 @@ def epoch_and_loss_from_name(name: str) -> dict:
 def _check_loss(model: CharLSTM, ids: np.ndarray, count: int) -> tuple[float, int]:
     """Nats/char on ``count`` characters from the middle of the text: a wrong vocabulary shows."""
     window = model.config.window
-    count = min(count, len(ids) - window - 1)
+    # each scored character re-reads its window: a huge --window gets fewer checked characters
+    count = min(count, len(ids) - window - 1, max(1, CHECK_BUDGET // window))
     start = max(0, (len(ids) - window - count) // 2)
     context, scored = ids[start:start + window], ids[start + window:start + window + count]
     return evaluate_ids(model, scored, context=context), len(scored)

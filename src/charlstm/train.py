@@ -21,6 +21,7 @@ import math
 import signal
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -37,7 +38,10 @@ from .checkpoint import TrainedModel
 from .corpus import Corpus
 from .data import (IGNORE_INDEX, SentenceBatches, StatefulWindowBatches, StreamBatches, WindowBatches,
                    random_windows, split_train_val)
+from .checks import (check_device, check_float, check_int, check_memory, check_output_dir, check_seed,
+                     check_temperature, check_threads, training_bytes)
 from .errors import CharLSTMError
+from .fileio import RunLock, remove_stale_temporaries
 from .metrics import MetricsLog
 from .finetune import load_init
 from .model import REGULARISATION_FIELDS, CharLSTM, ModelConfig, detach_state
@@ -49,6 +53,8 @@ SEED_WINDOWS = 200
 BEST_NAME = "best.safetensors"
 RESUME_NAME = "last.safetensors"
 UNLIMITED_EPOCHS = 1_000_000
+WINDOW_EVAL_FLOATS = 1 << 26  # bound on one evaluation chunk's activations
+DEFAULT_KEEP = 3              # weights-improvement files charlstm's own recipe keeps (tutorial presets: all)
 BASELINE_CONTEXT = 8_000_000  # training characters the compressors see before the validation text
 BASELINE_VAL = 2_000_000      # validation characters they compress (all of it for books)
 
@@ -81,35 +87,45 @@ class TrainConfig:
     sample_every: int = 0               # print samples every N epochs, 0 = never
     sample_temperatures: tuple[float, ...] = (0.2, 0.5, 1.0)
     sample_length: int = 200
+    keep: int = 0                       # weights-improvement files kept (newest), 0 = all (as Keras)
+    ignore_lock: bool = False           # write into an output folder another training holds
 
     def validate(self) -> None:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "bptt": self.bptt,
-                    "sample_length": self.sample_length}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise CharLSTMError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise CharLSTMError(f"--lr must be positive, not {self.lr}")
+        """Every value in range and finite (a NaN --clip or --weight-decay trains to a NaN model),
+        the device present and the checkpoint template able to name files: all before any work."""
+        for name in ("epochs", "batch_size", "bptt", "sample_length"):
+            check_int(name, getattr(self, name), 1, 10**9 if name != "epochs" else UNLIMITED_EPOCHS)
+        for name in ("warmup_steps", "patience", "sample_every", "keep"):
+            check_int(name, getattr(self, name), 0, 10**9)
+        check_float("lr", self.lr, 0.0, 1e3, low_open=True)
+        check_float("weight_decay", self.weight_decay, 0.0, 1e3)
+        check_float("clip", self.clip, 0.0, 1e9)
+        check_float("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
+        check_float("final_lr_fraction", self.final_lr_fraction, 0.0, 1.0)
+        if self.time_budget is not None:
+            check_float("time_budget", self.time_budget, 0.0, 1e9, low_open=True)
+        check_seed(self.seed)
+        check_threads(self.threads)
         choices = {"optimizer": ("adam", "adamw"), "schedule": ("constant", "cosine"),
                    "batching": ("windows", "streams", "sentences"), "monitor": ("loss", "val_loss"),
                    "precision": ("auto", "fp32", "bf16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise CharLSTMError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise CharLSTMError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
-        if self.time_budget is not None and not self.time_budget > 0:
-            raise CharLSTMError(f"--time-budget must be positive seconds, not {self.time_budget}")
-        non_negative = {"clip": self.clip, "warmup_steps": self.warmup_steps, "patience": self.patience,
-                        "weight_decay": self.weight_decay, "threads": self.threads,
-                        "sample_every": self.sample_every}
-        for name, value in non_negative.items():
-            if value < 0:
-                raise CharLSTMError(f"--{name.replace('_', '-')} must not be negative, not {value}")
-        if not 0.0 <= self.final_lr_fraction <= 1.0:
-            raise CharLSTMError(f"--final-lr-fraction must be in [0, 1], not {self.final_lr_fraction}")
-        if not self.sample_temperatures or any(not 0.0 <= t <= 100.0 for t in self.sample_temperatures):
+        for name in ("stateful", "random_offset", "ignore_lock"):
+            if not isinstance(getattr(self, name), bool):
+                raise CharLSTMError(f"--{name.replace('_', '-')} must be true or false")
+        if not isinstance(self.sample_temperatures, tuple) or not self.sample_temperatures:
             raise CharLSTMError("--sample-temperatures must be numbers in [0, 100], e.g. 0.2,0.5,1.0")
+        for temperature in self.sample_temperatures:
+            check_temperature(temperature, "sample_temperatures")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise CharLSTMError("-o must name a folder")
+        if not isinstance(self.checkpoint_template, str):
+            raise CharLSTMError("--checkpoint-template must be text")
+        checkpoint.check_template(self.checkpoint_template)
+        if self.device != "auto":
+            check_device(self.device)
         if self.monitor == "val_loss" and self.val_fraction == 0:
             raise CharLSTMError("--monitor val_loss needs validation text: set --val-fraction above 0")
         if self.stateful and self.batching != "windows":
@@ -125,9 +141,12 @@ class TrainConfig:
         """A config stored in a checkpoint (unknown keys from other versions are ignored)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        if "sample_temperatures" in values:
+        if isinstance(values.get("sample_temperatures"), list):
             values["sample_temperatures"] = tuple(values["sample_temperatures"])
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise CharLSTMError(f"the checkpoint's training settings are malformed ({err})") from None
 
 
 _TUTORIAL_MODEL = dict(input="scaled", layers=1, units=256, dropout=0.2, target="last", window=100)
@@ -146,7 +165,7 @@ PRESETS: dict[str, tuple[dict, dict]] = {
              weight_drop=0.4, target="all", window=100),
         dict(epochs=50, batch_size=64, lr=8e-3, weight_decay=0.1, optimizer="adamw", schedule="cosine",
              warmup_steps=50, clip=1.0, batching="streams", bptt=50, random_offset=True, monitor="val_loss",
-             patience=20),
+             patience=20, keep=DEFAULT_KEEP),
     ),
 }
 
@@ -225,6 +244,7 @@ class Position:
     targets: int = 0
     epoch_seconds: float = 0.0
     best_path: str | None = None
+    improvements: list[str] = field(default_factory=list)  # weights-improvement files written, oldest first
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -242,19 +262,12 @@ class TrainResult:
     interrupted: bool = False
     resume_path: Path | None = None
     baselines: list[Baseline] = field(default_factory=list)
+    stop_signal: int | None = None   # the signal that stopped the run (SIGINT or SIGTERM), if one did
 
 
 def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise CharLSTMError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise CharLSTMError("--device cuda: no CUDA GPU is available here")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise CharLSTMError("--device mps: Apple MPS is not available here")
-        return device
+        return check_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -327,6 +340,9 @@ class Trainer:
         seeds = random_windows(self.train_ids, model.config.window, SEED_WINDOWS, config.seed)
         self.seed_windows = [vocab.decode(row) for row in seeds]
         self._stop_requested = False
+        self.stop_signal: int | None = None
+        self.run_id = uuid.uuid4().hex[:12]   # in every metrics row; a resumed run keeps it
+        self._resumed = False
         self._eval_seconds: float | None = None
         self._session_start = time.perf_counter()
         self._session_elapsed0 = 0.0
@@ -397,7 +413,9 @@ class Trainer:
         self.carry = unpack_carry(trained.extra, m.layers, self.config.batch_size, m.units, self.device)
         self.history = [EpochRecord.from_dict(r) for r in trained.training.get("history", [])]
         self.init = trained.training.get("init", self.init)
-        self.baselines = [Baseline(**b) for b in trained.training.get("baselines", [])]
+        self.baselines = [Baseline(b["name"], b["bits_per_char"]) for b in trained.training.get("baselines", [])]
+        self.run_id = record.get("run_id") or self.run_id
+        self._resumed = True
         if record.get("fingerprint") != self.data_info["fingerprint"]:
             self.log("warning: this text differs from the one the checkpoint was trained on; "
                      "training continues, but not as an exact continuation")
@@ -405,9 +423,10 @@ class Trainer:
                  f"step {self.position.step}")
         return True
 
-    def request_stop(self) -> None:
-        """Stop cleanly after the current batch (what the first Ctrl-C does)."""
+    def request_stop(self, signum: int | None = None) -> None:
+        """Stop cleanly after the current batch (what the first Ctrl-C or SIGTERM does)."""
         self._stop_requested = True
+        self.stop_signal = signum
 
     # ---------------------------------------------------------------- schedule
     def elapsed(self) -> float:
@@ -456,6 +475,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
+        """Train under the output folder's lock (one training per folder; a killed run's lock
+        dies with it), after removing the temporary files a killed run left there."""
+        check_output_dir(self.output_dir)
+        with RunLock(self.output_dir, self.run_id).acquire(force=self.config.ignore_lock):
+            for stale in remove_stale_temporaries(self.output_dir):
+                self.log(f"removed {stale.name}, left by a run that was killed while writing")
+            if self._resumed:  # rows a killed session logged for the epochs about to be redone
+                self.metrics.forget(self.run_id, from_epoch=self.position.epoch)
+            return self._fit_locked()
+
+    def _fit_locked(self) -> TrainResult:
         for line in self.summary_lines():
             self.log(line)
         if len(self.val_ids) and not self.baselines:
@@ -477,6 +507,7 @@ class Trainer:
                 kept = self.position.best_path or "nothing saved yet"
                 self.log(f"\ninterrupted; the last good checkpoint is kept: {kept}")
         result.history = self.history
+        result.stop_signal = self.stop_signal
         result.best_path = Path(self.position.best_path) if self.position.best_path else None
         result.trained = self._trained_model()
         if result.best_path and result.best_path.is_file():
@@ -544,6 +575,8 @@ class Trainer:
             logits, state = self.model(x, state, last_only=last_only)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
+        if not torch.isfinite(loss):
+            self._diverged(f"the training loss became {loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.clip:
@@ -552,16 +585,25 @@ class Trainer:
         self.position.step += 1
         return loss.item(), detach_state(state)
 
+    def _diverged(self, what: str) -> None:
+        """A NaN or infinite loss: stop, and never save the broken weights as anything."""
+        pos = self.position
+        kept = self.position.best_path or "none was saved yet"
+        raise CharLSTMError(f"{what} at epoch {pos.epoch}, batch {pos.batch + 1}: training stopped; the last "
+                            f"good checkpoint is kept ({kept}); try a lower --lr or a --clip")
+
     def _finish_epoch(self) -> EpochRecord:
         """Evaluate, log, keep the checkpoint if it improved, print samples; then move on."""
         pos = self.position
         val_loss = self.evaluate() if len(self.val_ids) else None
+        if val_loss is not None and not math.isfinite(val_loss):
+            self._diverged(f"the validation loss became {val_loss}")
         pos.elapsed = self.elapsed()
         record = EpochRecord(pos.epoch, pos.loss_sum / max(pos.targets, 1), val_loss,
                              pos.targets / max(pos.epoch_seconds, 1e-9), pos.elapsed,
                              self.lr_at(pos.step, pos.elapsed), pos.step)
         self.history.append(record)
-        self.metrics.append(record.to_row())
+        self.metrics.append({"run_id": self.run_id, **record.to_row()})
         self.log(self._epoch_line(record))
         monitored = record.val_loss if self.config.monitor == "val_loss" else record.loss
         if pos.best is None or monitored < pos.best:
@@ -657,7 +699,23 @@ class Trainer:
         trained = self._trained_model()
         path = checkpoint.save(self.output_dir / name, trained)
         checkpoint.save(self.output_dir / BEST_NAME, trained)
+        self._retain(path)
         return path
+
+    def _retain(self, newest: Path) -> None:
+        """Keep the newest ``--keep N`` improvement files of this run (0 = all, as Keras); say what goes."""
+        kept = [p for p in self.position.improvements if p != str(newest)] + [str(newest)]
+        keep = self.config.keep
+        while keep and len(kept) > keep:
+            old = Path(kept.pop(0))
+            try:
+                old.unlink()
+                self.log(f"removed {old.name} (--keep {keep}: the newest {keep} improvements, best and last stay)")
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                self.log(f"warning: could not remove {old} ({err.strerror})")
+        self.position.improvements = kept
 
     def _save_resume(self) -> Path:
         """``last.safetensors``: weights plus everything an exact resume needs."""
@@ -665,13 +723,17 @@ class Trainer:
         rng_tensors, rng_meta = pack_rng()
         extra = {**optim_tensors, **rng_tensors, **pack_carry(self.carry)}
         resume = {"position": self.position.to_dict(), "optimizer": optim_meta, "rng": rng_meta,
-                  "fingerprint": self.data_info["fingerprint"]}
+                  "fingerprint": self.data_info["fingerprint"], "run_id": self.run_id}
         return checkpoint.save(self.output_dir / RESUME_NAME, self._trained_model(extra, resume))
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
 def _stop_on_first_interrupt(trainer: Trainer):
-    """First Ctrl-C: finish the batch, save the resume checkpoint, stop. Second: stop at once."""
+    """First Ctrl-C or SIGTERM: finish the batch, save the resume checkpoint, stop. A second
+    signal: stop at once (the last completed checkpoint stays)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -679,14 +741,15 @@ def _stop_on_first_interrupt(trainer: Trainer):
     def handler(signum, frame):
         if trainer._stop_requested:
             raise KeyboardInterrupt
-        trainer.request_stop()
+        trainer.request_stop(signum)
         trainer.log("\nstopping after this batch (Ctrl-C again to stop at once)")
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 @torch.no_grad()
@@ -733,6 +796,8 @@ def _window_losses(model: CharLSTM, full: torch.Tensor, first: int, chunk: int) 
     window = model.config.window
     positions = torch.arange(max(first, window), len(full), device=full.device)
     windows = full.unfold(0, window, 1)  # row i = full[i:i+window]
+    # a chunk's gate activations (windows x window x 4 units floats) stay under ~256 MB
+    chunk = max(1, min(chunk, WINDOW_EVAL_FLOATS // (window * 4 * model.config.units)))
     total = 0.0
     for part in positions.split(chunk):
         logits, _ = model(windows[part - window], last_only=True)
@@ -794,6 +859,7 @@ def fit(corpus: Corpus, preset: str = "default", log: Callable[[str], None] = pr
     model_config, train_config = preset_configs(preset, len(vocab), **overrides)
     ids = vocab.encode(corpus.text)
     _check_length(ids, model_config, train_config)
+    _check_memory(model_config, train_config)
     torch.manual_seed(train_config.seed)
     model = CharLSTM(model_config)
     trainer = Trainer(model, vocab, ids, train_config, corpus=corpus, log=log, progress=progress)
@@ -860,6 +926,14 @@ def _with_regularisation(model: CharLSTM, model_over: dict) -> CharLSTM:
     new = CharLSTM(replace(model.config, **model_over))
     new.load_state_dict(model.state_dict())
     return new
+
+
+def _check_memory(model_config: ModelConfig, train_config: TrainConfig) -> None:
+    """Refuse a model whose training would not fit in memory, before allocating it."""
+    steps = model_config.window if train_config.batching != "streams" else train_config.bptt
+    check_memory(training_bytes(checkpoint.parameter_count(model_config), train_config.batch_size, steps,
+                                model_config.units, model_config.layers, model_config.vocab_size),
+                 f"training {model_config.layers} x {model_config.units} units")
 
 
 def _check_length(ids: np.ndarray, model_config: ModelConfig, train_config: TrainConfig) -> None:

@@ -1,0 +1,135 @@
+"""Crash trials for training (issue 15, part 1), shared by the tests (a few trials) and
+``benchmarks/reliability.py`` (50+).
+
+A seeded CPU training run in a child process is killed with SIGKILL at random moments (some on
+purpose while a checkpoint is being written: the killer waits for the writer's temporary file
+to appear) and resumed from ``last.safetensors`` until it finishes; its per-epoch validation
+losses must equal those of the same run left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TMP_SUFFIX = ".tmp"
+
+
+def child_env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONIOENCODING", None)
+    return env
+
+
+def train_command(text: Path, out: Path, epochs: int, units: int = 128, resume: bool = False,
+                  extra: tuple[str, ...] = ()) -> list[str]:
+    command = [sys.executable, "-m", "charlstm", "train", "--text", str(text), "-o", str(out)]
+    if resume:
+        return command + ["--resume", str(out / "last.safetensors"), "--no-progress", *extra]
+    return command + ["--seed", "3", "--epochs", str(epochs), "--units", str(units), "--layers", "1",
+                      "--embedding-dim", "16", "--batch-size", "8", "--bptt", "40", "--precision", "fp32",
+                      "--threads", "1", "--no-progress", "--val-fraction", "0.1", *extra]
+
+
+def val_losses(out: Path) -> dict[int, float]:
+    """The validation loss of each epoch from ``metrics.jsonl`` (failing on a repeated epoch)."""
+    losses: dict[int, float] = {}
+    for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        assert row["epoch"] not in losses, f"epoch {row['epoch']} logged twice"
+        losses[row["epoch"]] = row["val_loss"]
+    return losses
+
+
+def reference_run(text: Path, out: Path, epochs: int, units: int = 128) -> tuple[dict[int, float], float]:
+    """The uninterrupted run's losses and its seconds per epoch (the save interval)."""
+    start = time.monotonic()
+    done = subprocess.run(train_command(text, out, epochs, units), env=child_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    elapsed = time.monotonic() - start
+    return val_losses(out), elapsed / epochs
+
+
+@dataclass
+class KillReport:
+    kills: int = 0
+    kills_during_writes: int = 0
+    starts: int = 0
+    resumes: int = 0
+    resumes_ok: int = 0
+    lost_seconds: list[float] = field(default_factory=list)
+    stale_temporaries_left: int = 0
+    errors: list[str] = field(default_factory=list)
+    losses: dict[int, float] = field(default_factory=dict)
+
+
+def _temporaries(out: Path) -> list[Path]:
+    try:
+        return [p for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)
+                and "probe" not in p.name]
+    except FileNotFoundError:
+        return []
+
+
+def _wait_for_write(process: subprocess.Popen, out: Path, deadline: float) -> bool:
+    """Poll until a checkpoint's temporary file exists (then the kill lands mid-write)."""
+    while time.monotonic() < deadline and process.poll() is None:
+        if _temporaries(out):
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+def kill_loop(text: Path, out: Path, epochs: int, kills: int, seed: int = 0, units: int = 128,
+              during_write_share: float = 0.4, max_delay: float = 6.0) -> KillReport:
+    """Kill -9 the run ``kills`` times, resuming after each, then let it finish."""
+    rng = random.Random(seed)
+    report = KillReport()
+    while True:
+        resume = (out / "last.safetensors").is_file()
+        report.starts += 1
+        report.resumes += resume
+        started = time.monotonic()
+        process = subprocess.Popen(train_command(text, out, epochs, units, resume=resume), env=child_env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if report.kills >= kills:
+            _, err = process.communicate(timeout=900)
+            if process.returncode != 0:
+                report.errors.append(f"final run exit {process.returncode}: {err.strip()[-300:]}")
+            report.resumes_ok += resume and process.returncode == 0
+            break
+        aim_at_write = rng.random() < during_write_share
+        if aim_at_write:
+            landed = _wait_for_write(process, out, started + 60)
+        else:
+            time.sleep(rng.uniform(0.05, max_delay))
+            landed = bool(_temporaries(out))
+        if process.poll() is not None:  # it finished or failed before the kill
+            _, err = process.communicate()
+            if process.returncode != 0:
+                report.errors.append(f"exit {process.returncode}: {err.strip()[-300:]}")
+            report.resumes_ok += resume and process.returncode == 0
+            if process.returncode == 0:
+                break
+            continue
+        killed_at = time.time()
+        process.send_signal(signal.SIGKILL)
+        _, err = process.communicate()
+        report.kills += 1
+        report.kills_during_writes += landed
+        last = out / "last.safetensors"
+        saved_at = last.stat().st_mtime if last.is_file() else 0.0
+        report.lost_seconds.append(killed_at - max(saved_at, killed_at - (time.monotonic() - started)))
+        report.resumes_ok += resume and "Traceback" not in err and "error" not in err
+    report.stale_temporaries_left = len(_temporaries(out))
+    report.losses = val_losses(out)
+    return report
