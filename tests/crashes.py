@@ -39,6 +39,20 @@ def train_command(text: Path, out: Path, epochs: int, units: int = 128, resume: 
                       "--threads", "1", "--no-progress", "--val-fraction", "0.1", *extra]
 
 
+def wait_for_torch(pid: int, timeout: float = 120.0) -> bool:
+    """Until the child has mapped libtorch: charlstm's package code is running by then (before it,
+    only the interpreter's own start-up runs, whose Ctrl-C traceback no program can prevent)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "libtorch" in Path(f"/proc/{pid}/maps").read_text():
+                return True
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return False
+        time.sleep(0.005)
+    return False
+
+
 def val_losses(out: Path) -> dict[int, float]:
     """The validation loss of each epoch from ``metrics.jsonl`` (failing on a repeated epoch)."""
     losses: dict[int, float] = {}

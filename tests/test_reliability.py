@@ -317,13 +317,15 @@ def _start(args):
 
 @pytest.mark.slow
 def test_signals_during_start_up_are_quiet(tmp_path, small_text):
+    """Signals while torch loads (charlstm's code already runs, the command is not ready yet)."""
     for signum, expected in ((signal.SIGINT, (130, -signal.SIGINT)), (signal.SIGTERM, (143, -signal.SIGTERM))):
-        for delay in (0.2, 0.8):
+        for extra_delay in (0.0, 0.5):
             process = _start(["train", "--text", small_text, "-o", tmp_path / "o", *TINY])
-            time.sleep(delay)
+            assert crashes.wait_for_torch(process.pid), "torch never loaded"
+            time.sleep(extra_delay)
             process.send_signal(signum)
             _, err = process.communicate(timeout=300)
-            assert process.returncode in expected and "Traceback" not in err, (signum, delay, err)
+            assert process.returncode in expected and "Traceback" not in err, (signum, extra_delay, err)
 
 
 @pytest.mark.slow

@@ -531,7 +531,7 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The command line: one line on stderr and status 2 for anything a user can cause,
     130 after Ctrl-C, 143 after SIGTERM; never a traceback."""
-    _prepare_process()
+    previous = _prepare_process()
     try:
         args = build_parser().parse_args(argv)
         code = args.func(args)
@@ -558,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         if "alloc" in str(err).lower() or "out of memory" in str(err).lower():
             return _fail(f"out of memory ({str(err).splitlines()[0][:160]})")
         raise
+    finally:
+        for signum, handler in previous.items():  # main() called from Python leaves no trace
+            signal.signal(signum, handler)
 
 
 _WRITE_ERRORS = (errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT, errno.EPIPE)
@@ -568,7 +571,7 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _prepare_process() -> None:
+def _prepare_process() -> dict:
     """Streams that cannot fail on a character (a C locale or PYTHONIOENCODING=ascii escapes
     what it cannot encode), a closed stdout treated as /dev/null, SIGTERM as a quiet stop."""
     if sys.stdout is None:
@@ -576,9 +579,14 @@ def _prepare_process() -> None:
     for stream in (sys.stdout, sys.stderr):
         if stream is not None and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    if threading_is_main():
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # __init__ made start-up quiet
-        signal.signal(signal.SIGTERM, _terminate)
+    if not threading_is_main():
+        return {}
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+    if previous[signal.SIGINT] == signal.SIG_DFL:  # __init__ made start-up quiet; now Ctrl-C is handled
+        previous[signal.SIGINT] = signal.default_int_handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+    return {k: v for k, v in previous.items() if v is not None}
 
 
 def threading_is_main() -> bool:
