@@ -5,7 +5,8 @@ runs ``charlstm train --time-budget`` in a child process (one at a time, so runs
 for the cores) and prints one table: validation nats/char and bits/char reached, training loss,
 characters/s and the time to reach validation CE 1.86 nats/char (what the tutorial's own small
 checkpoint scores on the text it was trained on), beside the gzip/bz2/lzma baselines. It also
-measures the machine's GEMM ceiling and the training throughput of the 2 x 256 model (batch
+probes the machine (``machine_probe``: CPU flags, streaming bytes/s, GEMM rates at 1 and all
+cores) and measures the GEMM ceiling and the training throughput of the 2 x 256 model (batch
 64 x 100 steps) in fp32 and bf16, plain and with the default recipe's regularisation.
 
     python benchmarks/train_quality.py                      # the full run (about 45 minutes)
@@ -22,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -40,6 +41,7 @@ from charlstm.corpus import Corpus  # noqa: E402
 from charlstm.data import split_train_val  # noqa: E402
 from charlstm.model import CharLSTM, ModelConfig  # noqa: E402
 from charlstm.vocab import Vocab  # noqa: E402
+from machine_probe import cpu_name, gemm_gflops, print_roofline, probe  # noqa: E402
 
 LN2 = math.log(2.0)
 TARGET_CE = 1.86
@@ -50,33 +52,10 @@ DEFAULT_TEXT = REPO.parent / "shared" / "corpora" / "pg11.txt"
 # ----------------------------------------------------------------------- machine
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def gemm_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    for _ in range(3):
-        a @ b
-    best, deadline = math.inf, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        best = min(best, (time.perf_counter() - start) / 5)
-    return 2 * m * k * n / best / 1e9
-
-
 def gemm_ceiling() -> dict[str, float]:
     """The best GEMM rate torch reaches here, over a few shapes (big and LSTM-sized)."""
     shapes = [(2048, 2048, 2048), (6400, 256, 1024), (64, 256, 1024)]
-    return {name: max(gemm_gflops(*s, dtype) for s in shapes)
+    return {name: max(gemm_gflops(*s, dtype, seconds=1.0) for s in shapes)
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
 
@@ -210,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{b.name} {b.bits_per_char:.3f} bits/char" for b in baselines))
 
     if not args.skip_throughput:
+        print("\nthe machine's own limits (see benchmarks/machine_probe.py):")
+        print_roofline(probe())
         print_throughput(args.threads)
 
     if not budgets:  # --budgets "" measures throughput only

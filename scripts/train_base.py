@@ -18,7 +18,7 @@ where the CPU has it) that every ``--save-every`` seconds scores the validation 
 leaves a usable model. Run it at idle priority beside other work, e.g.::
 
     OMP_WAIT_POLICY=PASSIVE chrt --idle 0 nice -n 19 python scripts/train_base.py \\
-        --out ../quality-runs/base --time-budget 5400 --threads 2
+        --out ../quality-runs/base --time-budget 3900 --save-every 480
 
 ``--measure`` only prints the training throughput of a few model sizes on this corpus.
 """
@@ -171,8 +171,10 @@ class BaseRun:
         t0 = time.perf_counter()
         val = evaluate_ids(self.model, self.val_ids, amp_dtype=self.amp)
         self.model.train()
-        row = {"step": step, "chars": chars, "epoch": epoch, "elapsed_s": round(elapsed, 1),
-               "train_loss": round(train_loss, 4), "val_loss": round(val, 4), "val_bpc": round(val / LN2, 4),
+        # the fields of charlstm's own epoch records, so ``charlstm info`` reads them
+        row = {"step": step, "chars": chars, "epoch": epoch, "elapsed": round(elapsed, 1),
+               "loss": round(train_loss, 4), "val_loss": round(val, 4), "val_bpc": round(val / LN2, 4),
+               "lr": lr_at(self.args, step, elapsed),
                "chars_per_s": round(chars / elapsed), "eval_s": round(time.perf_counter() - t0, 1),
                "rss_mib": round(rss_mib())}
         self.history.append(row)
@@ -188,13 +190,15 @@ class BaseRun:
     def trained(self, row: dict) -> TrainedModel:
         args = self.args
         record = {
-            "config": {"recipe": "scripts/train_base.py", **{k: v for k, v in vars(args).items() if k != "measure"}},
+            "config": {"recipe": "scripts/train_base.py",
+                       **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "measure"}},
             "history": self.history,
-            "data": {"sources": self.sources, "train_characters": int(len(self.train_ids)),
+            "data": {"sources": self.sources, "characters": int(len(self.train_ids) + len(self.val_ids)),
+                     "train_characters": int(len(self.train_ids)),
                      "val_characters": int(len(self.val_ids)), "held_out_author": args.held_out_author,
                      "val_books": list(VAL_BOOKS), "characters_seen": row["chars"]},
             "best": {"val_loss": self.best, "val_bpc": self.best / LN2},
-            "time_seconds": row["elapsed_s"],
+            "time_seconds": row["elapsed"],
         }
         return TrainedModel(model=self.model, vocab=self.vocab, normalization=NORMALIZATION, training=record,
                             seed_windows=self.seed_windows)
@@ -228,7 +232,7 @@ def main() -> None:
     parser.add_argument("--held-out-author", default=HELD_OUT_AUTHOR)
     parser.add_argument("--val-chars-per-book", type=int, default=60_000)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--units", type=int, default=384)
+    parser.add_argument("--units", type=int, default=256)
     parser.add_argument("--embedding", type=int, default=64)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--batch", type=int, default=64)

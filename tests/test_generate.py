@@ -4,6 +4,9 @@ strings, streaming, batches, and the ``generate`` command."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import signal
 import sys
 
 import numpy as np
@@ -13,8 +16,11 @@ import torch
 from charlstm import CharLSTM, CharLSTMError, Generator, ModelConfig, SamplingConfig, TrainedModel, Vocab
 from charlstm import checkpoint
 from charlstm.cli import main
-from charlstm.fast_step import LeanWeights, NativeStepper, make_stepper
-from charlstm.native import NATIVE_CACHE_ENV, NativeSampler, native_library
+from charlstm.fast_step import (BF16_TOLERANCE, SHARING_MARGIN, LeanWeights, NativeStepper, TorchStepper, choose_split,
+                                make_stepper)
+from charlstm.keras_import import ImportOptions, import_keras
+from charlstm.native import (BF16_AVX512, BF16_PORTABLE, NATIVE_CACHE_ENV, NativeSampler, bf16_kernel, native_library,
+                             plans_file)
 from charlstm.generate import BatchSampler, StopMatcher, numpy_draw, stream_uniforms
 
 LEAN_BACKENDS = ("native", "torch")
@@ -112,11 +118,156 @@ def test_threaded_shards_give_the_same_numbers_as_one_thread():
     model = sharp_model(25, layers=2, units=32)
     weights = LeanWeights.from_model(model)
     one = NativeStepper(weights, 40, native_library(), threads=1)
-    three = NativeStepper(weights, 40, native_library(), threads=3)
+    three = NativeStepper(weights, 40, native_library(), threads=3, split="rows")
     assert (len(one._nets), len(three._nets)) == (1, 2)  # at least 16 streams per thread
     ids = np.random.default_rng(0).integers(0, 25, size=(10, 40))
     for row in ids:
         np.testing.assert_array_equal(one.step(row), three.step(row))
+
+
+def step_through(stepper, ids: np.ndarray) -> np.ndarray:
+    """Probabilities (B, T, V) after each column of ids (B, T)."""
+    got = np.stack([stepper.step(ids[:, t]).copy() for t in range(ids.shape[1])], axis=1)
+    return torch.from_numpy(got).softmax(-1).numpy()
+
+
+@pytest.mark.parametrize("batch", [1, 3, 40])
+@pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid"])
+def test_every_way_of_sharing_a_step_between_threads_gives_the_models_numbers(activation, batch):
+    # panels: each of 2 threads owns half of every layer's gates (32 units: 2 x 16 per group)
+    model = sharp_model(37, recurrent_activation=activation, layers=2, units=32)
+    ids = np.random.default_rng(4).integers(0, 37, size=(batch, 30))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids))[0].softmax(-1).numpy()
+    weights = LeanWeights.from_model(model)
+    splits = ["single", "panels"] + (["rows"] if batch >= 32 else [])
+    results = {}
+    for split in splits:
+        stepper = NativeStepper(weights, batch, native_library(), threads=2, split=split)
+        results[split] = step_through(stepper, ids)
+        stepper.close()
+        np.testing.assert_allclose(results[split], expected, atol=1e-5, rtol=0)
+    for split in splits[1:]:  # the same sums in the same order, whoever computes them
+        np.testing.assert_array_equal(results[split], results["single"])
+
+
+def test_a_forked_child_steps_with_threads_of_its_own():
+    model = sharp_model(23, layers=2, units=32)
+    stepper = NativeStepper(LeanWeights.from_model(model), 2, native_library(), threads=2, split="panels")
+    ids = np.array([3, 4])
+    expected = NativeStepper(LeanWeights.from_model(model), 2, native_library(), threads=1).step(ids).copy()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the parent's helper thread does not exist here: a step must not wait for it
+        signal.alarm(20)  # a step stuck waiting for it ends the child, and the check below fails
+        os.write(write, stepper.step(ids).tobytes())
+        os._exit(0)
+    os.close(write)
+    got = b"".join(iter(lambda: os.read(read, 1 << 16), b""))
+    os.waitpid(child, 0)
+    np.testing.assert_array_equal(np.frombuffer(got, dtype=np.float32).reshape(expected.shape), expected)
+    np.testing.assert_array_equal(stepper.step(ids), expected)  # the parent's own team is untouched
+
+
+def test_the_split_is_chosen_by_timing_once_and_kept_beside_the_kernel(tmp_path):
+    library = native_library(tmp_path)
+    weights = LeanWeights.from_model(sharp_model(30, layers=2, units=32))
+    split = choose_split(weights, 40, library, 2, "fp32")
+    plans = json.loads(plans_file(library).read_text())
+    (key, plan), = plans.items()
+    assert "batch=40 threads=2" in key and plan["split"] == split
+    assert set(plan["seconds_per_step"]) == {"single", "panels", "rows"}
+    timings = plan["seconds_per_step"]
+    fastest = min(timings, key=timings.get)
+    assert split == (fastest if timings["single"] >= SHARING_MARGIN * timings[fastest] else "single")
+    plan["split"] = "rows" if split != "rows" else "single"  # what is kept is what is used
+    plans_file(library).write_text(json.dumps({key: plan}))
+    assert choose_split(weights, 40, library, 2, "fp32") == plan["split"]
+    assert choose_split(weights, 1, library, 1, "fp32") == "single"  # one thread: nothing to time
+
+
+def test_bf16_batches_take_the_faster_of_the_kernel_and_onednn_as_timed(tmp_path):
+    library = native_library(tmp_path)
+    model = sharp_model(30, layers=1, units=32)
+    stepper = make_stepper(model, 16, "auto", library=library, precision="bf16")
+    (key, plan), = json.loads(plans_file(library).read_text()).items()
+    assert key.startswith("bf16-backend") and set(plan["seconds_per_step"]) == {"native", "torch"}
+    assert stepper.backend == plan["backend"] == min(plan["seconds_per_step"], key=plan["seconds_per_step"].get)
+    assert make_stepper(model, 16, "native", library=library, precision="bf16").backend == "native"
+
+
+@pytest.fixture(scope="module")
+def keras_model(keras_checkpoint, keras_text) -> TrainedModel:
+    return import_keras(keras_checkpoint, keras_text, ImportOptions(check_chars=0)).trained
+
+
+def bf16_kernels() -> list[int]:
+    return [BF16_PORTABLE] + ([BF16_AVX512] if bf16_kernel(native_library()) == BF16_AVX512 else [])
+
+
+def test_bf16_steps_stay_within_the_documented_distance_of_fp32(keras_model, keras_text):
+    """A trained model (the tutorial's checkpoint) on its own text: every bf16 path's
+    probabilities within BF16_TOLERANCE of fp32's, and bits/char within 0.01."""
+    ids = keras_model.vocab.encode(keras_text.read_text(encoding="utf-8").lower()[3000:3400])[None]
+    weights = LeanWeights.from_model(keras_model.model)
+    exact = step_through(NativeStepper(weights, 1, native_library()), ids[:, :-1])
+    paths = [NativeStepper(weights, 1, native_library(), precision="bf16", kernel=k) for k in bf16_kernels()]
+    paths.append(TorchStepper(weights, 1, torch.device("cpu"), "bf16"))
+    bits = lambda p: -np.log2(p[0, np.arange(ids.shape[1] - 1), ids[0, 1:]]).mean()  # noqa: E731
+    for stepper in paths:
+        probs = step_through(stepper, ids[:, :-1])
+        difference = np.abs(probs - exact).max()
+        assert 1e-6 < difference <= BF16_TOLERANCE  # rounded, and not by more than documented
+        assert abs(bits(probs) - bits(exact)) < 0.01
+
+
+def test_bf16_kernels_threads_and_batches_agree():
+    """Whatever product code the CPU runs and however the step is shared, a bf16 stream gets
+    the same numbers (AVX-512-BF16 against the portable C: a last-bit difference at most)."""
+    model = sharp_model(29, layers=2, units=32)
+    weights = LeanWeights.from_model(model)
+    ids = np.random.default_rng(5).integers(0, 29, size=(40, 20))
+    runs = {(kernel, split): step_through(NativeStepper(weights, 40, native_library(), 2, "bf16", split, kernel), ids)
+            for kernel in bf16_kernels() for split in ("single", "panels", "rows")}
+    first = runs[BF16_PORTABLE, "single"]
+    for run in runs.values():
+        np.testing.assert_allclose(run, first, atol=1e-6, rtol=0)
+    for kernel in bf16_kernels():
+        for split in ("panels", "rows"):
+            np.testing.assert_array_equal(runs[kernel, split], runs[kernel, "single"])
+    alone = step_through(NativeStepper(weights, 1, native_library(), 1, "bf16"), ids[:1])
+    np.testing.assert_array_equal(alone, runs[bf16_kernel(native_library()), "single"][:1])
+
+
+def test_kernel_built_without_avx512_runs_every_path(tmp_path):
+    """The portable build (generic x86-64 with SSE4.2 where the machine is x86; this CPU's
+    own flags elsewhere) steps fp32 exactly and bf16 through its plain C products."""
+    import platform
+
+    arch = "x86-64-v2" if platform.machine() in ("x86_64", "AMD64") else "native"
+    library = native_library(tmp_path, arch=arch)
+    model = sharp_model(31, layers=2, units=32, recurrent_activation="hard_sigmoid")
+    ids = np.random.default_rng(6).integers(0, 31, size=(3, 25))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids))[0].softmax(-1).numpy()
+    weights = LeanWeights.from_model(model)
+    for split in ("single", "panels"):
+        got = step_through(NativeStepper(weights, 3, library, 2, split=split), ids)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    plain = step_through(NativeStepper(weights, 3, library, 1, "bf16", kernel=BF16_PORTABLE), ids)
+    np.testing.assert_allclose(plain, expected, atol=BF16_TOLERANCE, rtol=0)
+
+
+def test_bf16_precision_is_checked_at_the_boundary(vocab, prime):
+    model = trained(vocab)
+    with pytest.raises(CharLSTMError, match="--precision"):
+        Generator(model, precision="fp16")
+    with pytest.raises(CharLSTMError, match="--precision bf16"):
+        Generator(model, backend="module", precision="bf16")
+    with pytest.raises(CharLSTMError, match="stateful"):
+        Generator(model, precision="bf16").generate(prime, 5, mode="window")
+    text = Generator(model, precision="bf16").generate(prime, 40)
+    assert len(text) == 40
 
 
 def test_native_backend_reports_a_missing_compiler_and_auto_falls_back(monkeypatch, tmp_path):
@@ -377,6 +528,15 @@ def test_cli_diversity_report_prints_each_temperature_and_sample(checkpoint_file
     assert main(["generate", checkpoint_file, "--length", "40", "--seed", "6", "--temperature", "0.5"]) == 0
     alone = capsys.readouterr().out.split('"\n', 2)[-1].rsplit("\nDone.", 1)[0]
     assert "----- temperature: 0.5, sample 2 (--seed 6)\n" + alone + "\n" in out
+
+
+def test_cli_generates_in_bf16_and_rejects_it_for_window_mode(checkpoint_file, capsys):
+    assert main(["generate", str(checkpoint_file), "--length", "30", "--precision", "bf16", "--mode", "stateful",
+                 "--prime", "alice"]) == 0
+    assert len(capsys.readouterr().out) >= 30
+    assert main(["generate", str(checkpoint_file), "--precision", "bf16", "--mode", "window"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stateful" in err and len(err.splitlines()) == 1
 
 
 def test_cli_stop_option_understands_escapes(checkpoint_file, capsys, vocab, prime):

@@ -56,7 +56,7 @@ class TrainedModel:
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "model": self.config.to_dict(),
-            "vocab": list(self.vocab.chars),
+            "vocab": self.vocab.to_jsonable(),
             "normalization": self.normalization.to_dict(),
             "training": self.training,
             "seed_windows": self.seed_windows,

@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint
 from .baselines import compressor_baselines, format_baselines, versus_best
-from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization
+from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization, check_encoding
 from .data import split_train_val
 from .dynamic_eval import DynamicConfig, dynamic_evaluate
 from .checks import (check_device, check_float, check_int, check_output_dir, check_output_file, check_seed,
@@ -30,6 +30,9 @@ from .finetune import resolve_init
 from .generate import MAX_LENGTH, MAX_STREAMS, MODES, Generator, SamplingConfig
 from .keras_import import CHECK_CHARS, ImportOptions, TextReading, import_keras, keras_stem
 from .metrics import plot_run
+from .distributed import Distributed
+from .native import PRECISIONS
+from .prepare import PrepareConfig, PreparedData, prepare
 from .train import DEFAULT_KEEP, LN2, PRESETS, evaluate_ids, fit, preset_configs
 
 EXIT_USAGE = 2
@@ -78,6 +81,42 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-case", action="store_true", help="do not lowercase the text")
     g.add_argument("--strip-punctuation", action="store_true",
                    help="keep only letters, digits, marks, spaces and newlines")
+    _add_encoding_arg(g)
+
+
+def _add_encoding_arg(g) -> None:
+    g.add_argument("--encoding", default="utf-8", metavar="NAME",
+                   help="the text files' encoding (default utf-8; e.g. cp1252, latin-1, utf-16, gb18030)")
+
+
+def _add_prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="text files, folders (searched recursively, see --glob) or - for stdin")
+    p.add_argument("-o", "--output-dir", type=Path, required=True, metavar="DATA_DIR",
+                   help="folder for train.npy, val.npy, vocab.json and manifest.json")
+    p.add_argument("--glob", default="*.txt", help="file names to take from folders (default *.txt)")
+    g = p.add_argument_group("text")
+    g.add_argument("--gutenberg", type=int, action="append", default=[], metavar="ID",
+                   help="add Project Gutenberg book ID (repeatable)")
+    g.add_argument("--mirror", metavar="DIR|URL", help=f"offline copy of Gutenberg books; env {MIRROR_ENV}")
+    g.add_argument("--cache-dir", type=Path, help="where downloaded books are kept")
+    g.add_argument("--offline", action="store_true", help="never download; use the cache or mirror")
+    g.add_argument("--keep-case", action="store_true", help="do not lowercase the text")
+    g.add_argument("--strip-punctuation", action="store_true",
+                   help="keep only letters, digits, marks, spaces and newlines")
+    g.add_argument("--keep-gutenberg-boilerplate", action="store_true",
+                   help="do not cut Gutenberg headers and footers")
+    _add_encoding_arg(g)
+    g = p.add_argument_group("split and vocabulary")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="the last share of every document held out for validation (default 0.1)")
+    g.add_argument("--min-count", type=_positive_int, default=1, metavar="N",
+                   help="characters seen fewer times become one unknown symbol (U+FFFD)")
+    g.add_argument("--max-vocab", type=_positive_int, metavar="N",
+                   help="keep at most N symbols, the most frequent; the rest become the unknown symbol")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="processes for corpora of many files (default: up to 2, one per core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -135,6 +174,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="temperatures for those samples (default 0.2,0.5,1.0)")
     g.add_argument("--sample-length", type=_positive_int, help="characters per sample (default 200)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("prepared data and long runs (torchrun starts several processes: DDP)")
+    g.add_argument("--data", type=Path, metavar="DATA_DIR",
+                   help="train on a folder written by charlstm prepare (memory-mapped; instead of --text)")
+    g.add_argument("--val-chars", type=int, metavar="N",
+                   help="score a fixed N-character part of the validation text, spread over it (0 = all)")
+    g.add_argument("--eval-every", type=int, metavar="STEPS", help="also validate (and keep the best) every N steps")
+    g.add_argument("--save-every", type=int, metavar="STEPS", help="also write last.safetensors every N steps")
+    g.add_argument("--max-steps", type=int, metavar="N",
+                   help="stop after N optimiser steps in all, resumably (as the first Ctrl-C does)")
 
 
 def _temperatures(text: str) -> list[float]:
@@ -181,8 +229,12 @@ def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True)
     if with_checkpoint:
         g.add_argument("--seed", type=int, dest="gen_seed", metavar="N", help="same as --sample-seed")
         g.add_argument("--device", default="cpu")
+        g.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="stateful step arithmetic: fp32 (exact, default) or bf16 (bf16 weights and "
+                            "products, fp32 sums and state; faster; see the README for how close)")
         g.add_argument("--threads", type=_positive_int,
-                       help="CPU threads for PyTorch and for native batches of 32+ streams (default: PyTorch's)")
+                       help="CPU threads for PyTorch and for the native step, which they share by rows or by "
+                            "panels as timed fastest (default: PyTorch's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(p)
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="files, folders or books -> memory-mapped ids for train --data")
+    _add_prepare_args(p)
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     _add_generate_args(p)
@@ -232,12 +288,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_keras_args(p)
     p.set_defaults(func=cmd_import_keras)
 
+    p = sub.add_parser("serve", help="serve checkpoints over HTTP: OpenAI-style API and a page (pip install "
+                                     "'charlstm[serve]')")
+    _add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("plot", help="PNG of training and validation loss per epoch of a run")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the training output folder (holds metrics.jsonl)")
     p.add_argument("-o", "--output", type=Path, help="PNG file (default RUN_DIR/loss.png)")
     p.set_defaults(func=cmd_plot)
     return parser
 
+
+SERVE_LIMITS = (  # ServeConfig field, type, what it bounds
+    ("max_length", _positive_int, "default and ceiling of max_tokens, in characters"),
+    ("max_concurrent", _positive_int, "streams generated together per model"),
+    ("max_queue", int, "streams waiting for a place; beyond that 429"),
+    ("max_prompt", _positive_int, "characters per prompt"),
+    ("max_body", _positive_int, "bytes per request body"),
+    ("max_choices", _positive_int, "n x prompts per request"),
+    ("max_stop", _positive_int, "stop strings per request"),
+    ("max_logprobs", int, "alternatives per character in logprobs"),
+    ("max_score_chars", _positive_int, "characters per /v1/score text"),
+    ("request_timeout", float, "seconds per request"),
+)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from .serve import ServeConfig
+
+    d = ServeConfig()
+    p.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT|DIR",
+                   help="checkpoint files, or folders whose *.safetensors are all served (named by file stem)")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host}: this machine only)")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 = any free port)")
+    p.add_argument("--api-key", default=os.environ.get("CHARLSTM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ routes (default: env CHARLSTM_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="step path (as for generate)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch and the native kernel")
+    g = p.add_argument_group("limits")
+    for name, kind, text in SERVE_LIMITS:
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                       help=f"{text} (default {getattr(d, name)})")
 
 KERAS_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "tanh", "relu", "linear")
 
@@ -258,6 +352,7 @@ def _add_import_keras_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-bom", action="store_true", help="a leading byte-order mark counted as a character")
     g.add_argument("--universal-newlines", action="store_true", help="CRLF and CR were read as LF")
     g.add_argument("--bytes", action="store_true", help="one character per byte (Python 2)")
+    _add_encoding_arg(g)
     g = p.add_argument_group("what a weights-only file does not say (a full-model file's config wins "
                              "unless these are given)")
     g.add_argument("--window", type=_positive_int, help="input length in characters (default 100)")
@@ -274,9 +369,9 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
     if args.text and args.gutenberg is not None:
         raise CharLSTMError("give either --text or --gutenberg, not both")
     if args.text:
-        return Corpus.from_files(args.text, norm)
+        return Corpus.from_files(args.text, norm, encoding=args.encoding)
     return Corpus.gutenberg(DEFAULT_BOOK if args.gutenberg is None else args.gutenberg, norm, mirror=args.mirror,
-                            cache_dir=args.cache_dir, offline=args.offline)
+                            cache_dir=args.cache_dir, offline=args.offline, encoding=args.encoding)
 
 
 TRAIN_OPTIONS = ("input", "embedding_dim", "layers", "units", "dropout", "input_dropout", "window", "epochs",
@@ -284,14 +379,14 @@ TRAIN_OPTIONS = ("input", "embedding_dim", "layers", "units", "dropout", "input_
                  "bptt", "stateful", "target", "val_fraction", "monitor", "patience", "time_budget", "output_dir",
                  "checkpoint_template", "seed", "device", "precision", "weight_drop", "variational",
                  "final_lr_fraction", "random_offset", "threads", "sample_every", "sample_temperatures",
-                 "sample_length", "keep", "ignore_lock")
+                 "sample_length", "val_chars", "eval_every", "save_every", "max_steps", "keep", "ignore_lock")
 
 
 def prepare_training(args: argparse.Namespace) -> dict:
     """Everything that can be checked before the text is read: every option's range, the
     checkpoint template, the output folder (created, proven writable), and for ``run`` the
     generation options. Returns the training overrides."""
-    overrides = {name: getattr(args, name) for name in TRAIN_OPTIONS}
+    overrides = {name: getattr(args, name, None) for name in TRAIN_OPTIONS}
     if args.resume is None and args.init is None:
         preset_configs(args.preset, 2, **overrides)  # validates both configs with these values
     else:
@@ -323,13 +418,23 @@ def _train(args: argparse.Namespace):
     prepare_training(args)
     if args.init is not None:
         resolve_init(args.init)  # a missing model is reported before the text is read
-    if args.resume is not None:  # read the text the way the checkpoint's text was read
+    data = getattr(args, "data", None)
+    if data is not None:
+        if args.text or args.gutenberg is not None:
+            raise CharLSTMError("give either --data DIR or a text (--text/--gutenberg), not both")
+        data = PreparedData.open(data)  # a bad folder is reported before any process group forms
+    elif args.resume is not None:  # read the text the way the checkpoint's text was read
         norm = checkpoint.load(args.resume).normalization
         args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
-    corpus = corpus_from_args(args)
-    result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, init=args.init,
-                 **{name: getattr(args, name) for name in TRAIN_OPTIONS})
-    if result.best_path:
+    corpus = corpus_from_args(args) if data is None else None
+    overrides = {name: getattr(args, name, None) for name in TRAIN_OPTIONS}
+    dist = Distributed.from_env(args.device or "auto")
+    try:
+        result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, init=args.init,
+                     data=data, dist=dist, **overrides)
+    finally:
+        dist.close()
+    if result.best_path and dist.is_main:
         print(f"best checkpoint: {result.best_path}")
     return result
 
@@ -353,13 +458,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _exit_status(result)
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    norm = Normalization(lowercase=not args.keep_case, strip_punctuation=args.strip_punctuation,
+                         strip_gutenberg=not args.keep_gutenberg_boilerplate)
+    config = PrepareConfig(inputs=tuple(args.inputs), output_dir=args.output_dir, gutenberg=tuple(args.gutenberg),
+                           glob=args.glob, normalization=norm, encoding=args.encoding,
+                           val_fraction=args.val_fraction, min_count=args.min_count, max_vocab=args.max_vocab,
+                           mirror=args.mirror, cache_dir=args.cache_dir, offline=args.offline,
+                           workers=args.workers or 0)
+    result = prepare(config, progress=not args.no_progress)
+    for line in result.summary_lines():
+        print(line)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     check_generation_args(args)
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     trained = checkpoint.load(args.checkpoint, device=args.device)
-    _print_generation(Generator(trained, device=args.device, backend=args.backend), args)
+    _print_generation(Generator(trained, device=args.device, backend=args.backend, precision=args.precision), args)
     return 0
 
 
@@ -462,7 +581,8 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
         f"checkpoint: {path}",
         "model: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()),
         f"parameters: {trained.model.num_parameters():,}",
-        f"vocabulary: {len(trained.vocab)} characters {''.join(trained.vocab.chars)!r}",
+        f"vocabulary: {len(trained.vocab)} characters {_shown_chars(trained.vocab.chars)}"
+        + (f", unknown symbol {trained.vocab.unknown_char!r}" if trained.vocab.unknown_char else ""),
         "normalization: " + ", ".join(f"{k}={v}" for k, v in trained.normalization.to_dict().items()),
     ]
     data = training.get("data")
@@ -501,14 +621,33 @@ def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
     return lines
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, find_checkpoints, run_server
+
+    config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, cors_origins=tuple(args.cors_origin),
+                         backend=args.backend, **{name: getattr(args, name) for name, _, _ in SERVE_LIMITS})
+    config.validate()
+    files = find_checkpoints(args.checkpoints)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return run_server(files, config)
+
+
+def _shown_chars(chars: tuple[str, ...], limit: int = 200) -> str:
+    """All of a small alphabet; the start of a large one (a CJK vocabulary has thousands)."""
+    shown = "".join(chars[:limit])
+    return repr(shown) + (f" and {len(chars) - limit:,} more" if len(chars) > limit else "")
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     print(f"wrote {plot_run(args.run_dir, args.output)}")  # the name really written (.png added, say)
     return 0
 
 
 def cmd_import_keras(args: argparse.Namespace) -> int:
+    check_encoding(args.encoding)
     reading = TextReading(lowercase=not args.keep_case, keep_bom=args.keep_bom,
-                          universal_newlines=args.universal_newlines, as_bytes=args.bytes)
+                          universal_newlines=args.universal_newlines, as_bytes=args.bytes, encoding=args.encoding)
     options = ImportOptions(reading=reading, window=args.window, activation=args.activation,
                             recurrent_activation=args.recurrent_activation, seed=args.seed,
                             check_chars=0 if args.no_check else CHECK_CHARS)

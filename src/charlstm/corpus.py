@@ -8,6 +8,7 @@ at its last ``THE END`` line; lowercase by default.
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import stat
@@ -17,6 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .errors import CharLSTMError
 from .fileio import atomic_write_bytes
@@ -34,15 +36,15 @@ GUTENBERG_URLS = (
 MIRROR_NAMES = ("pg{id}.txt", "{id}-0.txt", "{id}.txt", "{id}/pg{id}.txt", "{id}/{id}-0.txt")
 
 # The marker variants Gutenberg has shipped: indented or not, with or without the space after
-# ``***``, THIS/THE, EBOOK/E-BOOK/ETEXT; old etexts end their header with the "small print"
-# line and their book with an "End of (the) Project Gutenberg Etext" line.
-_START_RE = re.compile(
-    r"^[ \t]*(\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG (E-?BOOK|ETEXT)"
-    r"|\*END\*? ?THE SMALL PRINT).*$", re.M | re.I)
-_END_RE = re.compile(
-    r"^[ \t]*(\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG (E-?BOOK|ETEXT)"
-    r"|END OF (THE |THIS )?PROJECT GUTENBERG(['’]S)?\b).*$", re.M | re.I)
-_THE_END_RE = re.compile(r"^[ \t]*THE END[ \t.]*$", re.M)
+# ``***``, THIS/THE, EBOOK/E-BOOK/ETEXT, a title wrapped onto a second line; old etexts end their
+# header with the "small print" line and their book with an "End of (the) Project Gutenberg
+# Etext" line. Line ends may still be CRLF here (``prepare`` searches raw file windows).
+_START_RE = re.compile(r"^[ \t]*\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG (E-?BOOK|ETEXT)"
+                       r"(?:[^*\n]*\n(?=[^\n]*\*\*\*))?.*$", re.M | re.I)  # a title may wrap onto a 2nd line
+_SMALL_PRINT_END_RE = re.compile(r"^[ \t]*\*END\*? ?THE SMALL PRINT.*$", re.M | re.I)
+_END_RE = re.compile(r"^[ \t]*(\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG (E-?BOOK|ETEXT)"
+                     r"|END OF (THE |THIS )?PROJECT GUTENBERG(\S{1,3}S)?\b).*$", re.M | re.I)  # 's, ’s (3 bytes in UTF-8)
+_THE_END_RE = re.compile(r"^[ \t]*THE END[ \t.\r]*$", re.M)
 MAX_TEXT_BYTES = 2 * 1024**3
 
 
@@ -71,12 +73,13 @@ class Corpus:
     normalization: Normalization = field(default_factory=Normalization)
 
     @classmethod
-    def from_files(cls, paths, normalization: Normalization | None = None) -> "Corpus":
+    def from_files(cls, paths, normalization: Normalization | None = None, encoding: str = "utf-8") -> "Corpus":
         norm = normalization or Normalization()
         paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
         if not paths:
             raise CharLSTMError("no text given: pass --text FILE or --gutenberg ID")
-        parts = [normalize(read_text_file(p), norm) for p in paths]
+        check_encoding(encoding)
+        parts = [normalize(read_text_file(p, encoding), norm) for p in paths]
         return cls._checked("\n".join(parts), [str(p) for p in paths], norm)
 
     @classmethod
@@ -87,10 +90,12 @@ class Corpus:
         mirror: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         offline: bool = False,
+        encoding: str = "utf-8",
     ) -> "Corpus":
         norm = normalization or Normalization()
+        check_encoding(encoding)
         path = fetch_gutenberg(book_id, mirror=mirror, cache_dir=cache_dir, offline=offline)
-        return cls._checked(normalize(read_text_file(path), norm), [f"gutenberg:{book_id}"], norm)
+        return cls._checked(normalize(read_text_file(path, encoding), norm), [f"gutenberg:{book_id}"], norm)
 
     @classmethod
     def from_string(cls, text: str, normalization: Normalization | None = None) -> "Corpus":
@@ -144,18 +149,43 @@ def read_text_bytes(path: Path) -> bytes:
     return raw
 
 
-def read_text_file(path: Path) -> str:
-    """Read a UTF-8 text file, refusing missing, empty, binary and undecodable files."""
-    raw = read_text_bytes(path)
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise CharLSTMError(f"{path}: looks like a binary file (a NUL byte at offset {nul:,}), not text")
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name, or one clear error for a name Python does not know."""
     try:
-        return raw.decode("utf-8")
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise CharLSTMError(f"--encoding {encoding}: unknown encoding (try utf-8, cp1252, latin-1, utf-16)") from None
+
+
+def refuse_binary(path: Path | str, data: bytes, encoding: str = "utf-8") -> None:
+    """NUL bytes anywhere in ``data`` mean a binary file (except in UTF-16/32, where they are
+    normal): a NUL after the first 64 KiB would otherwise be trained on as text."""
+    nul = data.find(b"\x00")
+    if nul >= 0 and not codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
+        raise CharLSTMError(f"{path}: looks like a binary file (a NUL byte at offset {nul:,}), not text")
+
+
+def undecodable(path: Path | str, encoding: str, offset: int) -> CharLSTMError:
+    """The one-line error for bytes that are not valid in ``encoding``, naming file and byte."""
+    name = codecs.lookup(encoding).name
+    if name == "utf-8":
+        return CharLSTMError(f"{path}: not valid UTF-8 (byte {offset}); convert it, e.g. iconv -f latin1 -t utf-8, "
+                             "or pass --encoding (e.g. cp1252)")
+    return CharLSTMError(f"{path}: not valid {name} (byte {offset}); pass the file's real --encoding")
+
+
+def decode_bytes(raw: bytes, path: Path | str, encoding: str = "utf-8") -> str:
+    """Decode a whole file's bytes, refusing binary and undecodable text with one clear line."""
+    refuse_binary(path, raw, encoding)
+    try:
+        return raw.decode(encoding)
     except UnicodeDecodeError as err:
-        raise CharLSTMError(
-            f"{path}: not valid UTF-8 (byte {err.start}); convert it, e.g. iconv -f latin1 -t utf-8"
-        ) from None
+        raise undecodable(path, encoding, err.start) from None
+
+
+def read_text_file(path: Path, encoding: str = "utf-8") -> str:
+    """Read a text file (UTF-8 unless told), refusing missing, empty, binary and undecodable files."""
+    return decode_bytes(read_text_bytes(path), path, encoding)
 
 
 def normalize(text: str, norm: Normalization) -> str:
@@ -169,20 +199,49 @@ def normalize(text: str, norm: Normalization) -> str:
     return text
 
 
+GUTENBERG_HEAD = 64 * 1024  # the START marker is looked for this far into a file ...
+GUTENBERG_TAIL = 64 * 1024  # ... the footer and THE END this far from its end (licences are ~20 KB)
+
+
 def strip_gutenberg_boilerplate(text: str) -> str:
     """Cut the licence header and footer; text without Gutenberg markers is returned whole."""
-    start = _START_RE.search(text)
-    if start:
-        text = text[start.end():].lstrip("\n")
-    end = _END_RE.search(text)
-    if end:
-        return text[: end.start()].rstrip() + "\n"
-    # Without an end marker the book ends at its last "THE END" line (a collection has one
-    # per story, and plays and sketches go on after one: the first would drop the rest).
-    the_ends = list(_THE_END_RE.finditer(text))
+    start, end, add_newline = gutenberg_span(len(text), lambda lo, hi: text[lo:hi])
+    return text[start:end] + ("\n" if add_newline else "")
+
+
+def gutenberg_span(size: int, read: Callable[[int, int], str]) -> tuple[int, int, bool]:
+    """Where the book lies in a text of ``size`` characters that ``read(lo, hi)`` returns
+    pieces of; only its head and tail are read, so a huge file need not be in memory. The flag
+    says a newline must follow the cut."""
+    start = gutenberg_body_start(read(0, min(size, GUTENBERG_HEAD)))
+    tail_from = max(start, size - GUTENBERG_TAIL)
+    end, add_newline = gutenberg_body_end(read(tail_from, size))
+    return start, tail_from + end, add_newline
+
+
+def gutenberg_body_start(head: str) -> int:
+    """Where the book starts in ``head`` (a file's beginning): after the START marker line and
+    the blank lines below it, or after the old "*END*THE SMALL PRINT" line; 0 without either."""
+    marker = _START_RE.search(head) or _SMALL_PRINT_END_RE.search(head)
+    if not marker:
+        return 0
+    end = marker.end()
+    return end + len(head[end:]) - len(head[end:].lstrip("\r\n"))
+
+
+def gutenberg_body_end(tail: str) -> tuple[int, bool]:
+    """Where the book ends in ``tail`` (a file's end, after the start): before the footer's first
+    line (trailing blanks dropped); without a footer, just after the last ``THE END`` line (a
+    collection has one per story, and plays go on after one). The flag says a newline must
+    follow the cut; text without markers is kept whole."""
+    footer = _END_RE.search(tail)
+    if footer:  # ASCII whitespace only: prepare searches bytes read as Latin-1
+        return len(tail[:footer.start()].rstrip(" \t\r\n\f\v")), True
+    the_ends = list(_THE_END_RE.finditer(tail))
     if the_ends:
-        return text[: the_ends[-1].end()] + "\n"
-    return text
+        end = the_ends[-1].end()
+        return end - (tail[end - 1:end] == "\r"), True
+    return len(tail), False
 
 
 def strip_punctuation(text: str) -> str:

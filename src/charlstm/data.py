@@ -12,6 +12,7 @@ Two ways of cutting text into examples:
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +93,14 @@ class StreamBatches:
     bptt: int
     random_offset: bool = False
     seed: int = 0
+    shard: tuple[int, int] = (0, 1)  # (rank, world size): a rank yields its own block of the streams
 
     def __post_init__(self) -> None:
+        rank, world = self.shard
+        if self.batch_size % world:
+            raise CharLSTMError(f"--batch-size {self.batch_size} must be a multiple of the {world} processes")
+        share = self.batch_size // world
+        self.rows = slice(rank * share, (rank + 1) * share)
         spare = self.bptt - 1 if self.random_offset else 0
         self.stream_len = (len(self.ids) - 1 - spare) // self.batch_size
         if self.stream_len < 2:
@@ -121,12 +128,42 @@ class StreamBatches:
         return x, y
 
     def epoch(self, epoch: int = 0, start_batch: int = 0):
-        """Yield ``(x, y)``: both (B, T) int64, T = bptt except maybe the last piece."""
+        """Yield ``(x, y)``: both (B, T) int64, T = bptt except maybe the last piece (B = this
+        rank's share of the streams)."""
         xs, ys = self.streams(epoch)
+        xs, ys = xs[self.rows], ys[self.rows]
         for b in range(start_batch, len(self)):
             sl = slice(b * self.bptt, (b + 1) * self.bptt)
             yield (torch.from_numpy(xs[:, sl].astype(np.int64)),
                    torch.from_numpy(ys[:, sl].astype(np.int64)))
+            if b % RELEASE_EVERY == RELEASE_EVERY - 1:
+                release_pages(self.ids)
+
+
+RELEASE_EVERY = 256  # batches between releases of a memory map's pages
+
+
+def release_pages(ids: np.ndarray) -> None:
+    """Unmap the pages of a memory-mapped id file this process has read. They stay in the page
+    cache (the next read is a cheap minor fault), but no longer count as this process's memory,
+    so training on a file larger than RAM keeps a flat resident size."""
+    base = ids
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    handle = getattr(base, "_mmap", None)
+    if handle is not None and hasattr(handle, "madvise"):
+        handle.madvise(mmap.MADV_DONTNEED)
+
+
+def fixed_sample(ids: np.ndarray, n: int, pieces: int = 64) -> np.ndarray:
+    """A bounded, fixed validation text: ``pieces`` contiguous stretches spread evenly over
+    ``ids``, ``n`` ids in all (all of ``ids`` when it is no longer)."""
+    if n <= 0 or len(ids) <= n:
+        return ids
+    pieces = max(1, min(pieces, n // 1000 or 1))
+    size = n // pieces
+    starts = np.linspace(0, len(ids) - size, pieces).astype(np.int64)
+    return np.concatenate([np.asarray(ids[s:s + size]) for s in starts])
 
 
 MAX_SEED_TEXT = 2_000_000  # characters of seed windows a checkpoint's metadata may hold

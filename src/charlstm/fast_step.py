@@ -7,10 +7,11 @@ time), fresh tensors each step, and a BLAS gemv that streams these weights at ab
 of the cache bandwidth a plain loop reaches. The backends work on weights rearranged once
 (``LeanWeights``) and buffers allocated once:
 
-* ``native`` - ``lstm_step.c``, compiled on first use with the system C compiler and
-  cached: all layers and the head in one ctypes call, weights packed so that each 64-wide
-  block of outputs streams through the cache once per step (CPU, float32). Batches of 16+
-  streams per thread are split across ``torch.get_num_threads()`` threads;
+* ``native`` - ``lstm_step.c`` (toolchain and layout in ``native``): all layers and the head
+  in one ctypes call, weights packed so that each 64-wide block of outputs streams through
+  the cache once per step (CPU). With ``torch.get_num_threads()`` > 1 a step is shared by
+  rows (big batches) or by panels (each core keeps its share of the weights in its own
+  cache; any batch), whichever was faster when first timed on this machine;
 * ``torch``  - the same rearranged weights with in-place PyTorch ops on preallocated
   buffers; any device, and the fallback where no C compiler is found;
 * ``module`` - the model's own forward pass one step at a time: slow, but right for any
@@ -18,14 +19,21 @@ of the cache bandwidth a plain loop reaches. The backends work on weights rearra
 
 ``auto`` takes ``native`` where it can, then ``torch``. All reproduce the model's
 full-sequence forward pass (tests compare probabilities to 1e-5) for sigmoid (nn.LSTM) and
-hard-sigmoid (LoopLSTM) layers and every input encoding.
+hard-sigmoid (LoopLSTM) layers and every input encoding. ``precision="bf16"`` (native and
+torch) keeps the matrices in bf16 and rounds their inputs to bf16, with fp32 sums and state:
+half the bytes per step, and bf16 dot products (AVX-512-BF16; AMX through oneDNN) for
+batches; probabilities stay within ``BF16_TOLERANCE`` of fp32's.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -34,12 +42,17 @@ import torch.nn.functional as F
 
 from .errors import CharLSTMError
 from .model import CharLSTM, State
-from .native import NativeLayout, NativeNet, native_library
+from .native import (PRECISIONS, NativeLayout, NativeNet, bf16_kernel, native_library, plans_file,
+                     splittable)
 
 BACKENDS = ("auto", "native", "torch", "module")
 LEAN_GATES = ("sigmoid", "hard_sigmoid")  # gate activations the lean backends implement (cell: tanh)
 MAX_TABLE_FLOATS = 1 << 26       # 256 MB: above this layer 0's input is projected per step
-MIN_SHARD_ROWS = 16              # streams per thread below which threads cost more than they save
+MIN_SHARD_ROWS = 16              # streams per thread below which row shards cost more than they save
+SPLITS = ("single", "panels", "rows")  # how threads share a native step (see NativeStepper)
+SHARING_MARGIN = 1.1             # a shared step must be timed this much faster than one thread's
+BF16_TOLERANCE = 0.05            # documented: largest probability difference of bf16 steps from fp32
+BF16_LIBRARY_MIN_BATCH = 16      # bf16 batches from here on may run faster on PyTorch's (oneDNN, AMX)
 
 
 @dataclass
@@ -119,6 +132,9 @@ class Stepper:
     def step(self, ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Stop any helper threads now (they also stop when the stepper is collected)."""
+
     def load_state(self, state: State) -> None:
         """Take the model's state ([(h, c)] per layer, each (1, B or 1, H)); 1 is broadcast."""
         for layer, (h, c) in enumerate(state):
@@ -147,9 +163,12 @@ class TorchStepper(Stepper):
 
     backend = "torch"
 
-    def __init__(self, weights: LeanWeights, batch_size: int, device: torch.device) -> None:
+    def __init__(self, weights: LeanWeights, batch_size: int, device: torch.device, precision: str = "fp32") -> None:
         super().__init__(weights, batch_size)
+        if precision not in PRECISIONS:
+            raise CharLSTMError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         w, B, H = weights, batch_size, weights.units
+        self.precision = precision
         move = lambda t: t.to(device)  # noqa: E731
         # gate order (i, f, o, g): one activation call covers the three sigmoid gates
         order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H),
@@ -168,6 +187,11 @@ class TorchStepper(Stepper):
         self.gates, self.tanh_c, self.logits = zeros(B, 4 * H), zeros(B, H), zeros(B, w.vocab_size)
         self.ids = torch.zeros(B, dtype=torch.long, device=device)
         self.device = device
+        if precision == "bf16":  # bf16 products (AMX or AVX-512-BF16 through oneDNN where present)
+            half = lambda t: t.to(torch.bfloat16)  # noqa: E731
+            self.stacked_t = [half(self.recurrent_t[0])] + [
+                half(torch.cat([b, r])) for b, r in zip(self.below_t[1:], self.recurrent_t[1:])]
+            self.head_weight_bf16 = half(self.head_weight_t)
 
     @torch.inference_mode()
     def step(self, ids: np.ndarray) -> np.ndarray:
@@ -175,11 +199,14 @@ class TorchStepper(Stepper):
         H, gates = self.weights.units, self.gates
         for layer in range(self.weights.layers):
             h, c = self.h[layer], self.c[layer]
-            if layer == 0:
+            if self.precision == "bf16":
+                self._bf16_gates(layer, gates)
+            elif layer == 0:
                 self._layer0_input(gates)
             else:
                 torch.addmm(self.biases[layer], self.h[layer - 1], self.below_t[layer], out=gates)
-            gates.addmm_(h, self.recurrent_t[layer])
+            if self.precision == "fp32":
+                gates.addmm_(h, self.recurrent_t[layer])
             sig, g = gates[:, :3 * H], gates[:, 3 * H:]
             if self.weights.hard_sigmoid:
                 sig.mul_(0.2).add_(0.5).clamp_(0.0, 1.0)
@@ -189,8 +216,23 @@ class TorchStepper(Stepper):
             c.mul_(gates[:, H:2 * H]).addcmul_(gates[:, :H], g)
             torch.tanh(c, out=self.tanh_c)
             torch.mul(gates[:, 2 * H:3 * H], self.tanh_c, out=h)
-        torch.addmm(self.head_bias, self.h[-1], self.head_weight_t, out=self.logits)
+        if self.precision == "bf16":
+            torch.add(self.head_bias, torch.mm(self.h[-1].to(torch.bfloat16), self.head_weight_bf16), out=self.logits)
+        else:
+            torch.addmm(self.head_bias, self.h[-1], self.head_weight_t, out=self.logits)
         return self.logits.numpy() if self.device.type == "cpu" else self.logits.cpu().numpy()
+
+    def _bf16_gates(self, layer: int, gates: torch.Tensor) -> None:
+        """gates = bias + [below | h] @ W with bf16 inputs and weights (sums in fp32, result
+        rounded to bf16 by the library)."""
+        h = self.h[layer]
+        if layer == 0:
+            self._layer0_input(gates)
+            inputs = h
+        else:
+            gates.copy_(self.biases[layer])
+            inputs = torch.cat([self.h[layer - 1], h], dim=1)
+        gates.add_(torch.mm(inputs.to(torch.bfloat16), self.stacked_t[layer]))
 
     def _layer0_input(self, gates: torch.Tensor) -> None:
         if self.table is not None:
@@ -205,27 +247,47 @@ class TorchStepper(Stepper):
 class NativeStepper(Stepper):
     """lstm_step.c over all layers and the head in one call per step.
 
-    Batches of at least ``MIN_SHARD_ROWS`` streams per thread are split into ``threads``
-    shards of rows, stepped at the same time (ctypes releases the GIL during the call).
+    ``split`` says how ``threads`` threads share a step: ``rows`` - the batch is cut into
+    shards of at least ``MIN_SHARD_ROWS`` streams, stepped at the same time (ctypes releases
+    the GIL); ``panels`` - every thread takes its share of each layer's gates for all streams
+    (a C thread team with a spin barrier per layer), so each core reads only its share of the
+    weights and keeps it in its own cache; ``single`` - one thread. All give the same numbers.
+    ``precision`` ``bf16`` keeps the matrices in bf16 and rounds their inputs to bf16, with
+    fp32 sums and state; ``kernel`` picks its product code (default: the CPU's best).
     """
 
     backend = "native"
 
-    def __init__(self, weights: LeanWeights, batch_size: int, library: ctypes.CDLL, threads: int = 1) -> None:
+    def __init__(self, weights: LeanWeights, batch_size: int, library: ctypes.CDLL, threads: int = 1,
+                 precision: str = "fp32", split: str = "auto", kernel: int | None = None) -> None:
         super().__init__(weights, batch_size)
         if weights.table is None:
             raise CharLSTMError("the native step needs the input table; this vocabulary is too large for it")
+        if precision not in PRECISIONS:
+            raise CharLSTMError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         w, B, H = weights, batch_size, weights.units
-        if "native" not in w.packed:
-            w.packed["native"] = NativeLayout.from_weights(w)
-        self._layout = layout = w.packed["native"]
+        if split == "auto":
+            split = choose_split(weights, batch_size, library, threads, precision)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        self.split, self.precision = split, precision
+        shards = max(1, min(threads, B // MIN_SHARD_ROWS)) if split == "rows" else 1
+        team_size = threads if split == "panels" and threads > 1 and splittable(H, threads) else 1
+        key = f"native-{precision}-{team_size}"
+        if key not in w.packed:
+            w.packed[key] = NativeLayout.from_weights(w, parts=team_size, precision=precision)
+        self._layout = layout = w.packed[key]
+        self._kernel = bf16_kernel(library) if kernel is None else kernel
         self.h, self.c = torch.zeros(w.layers, B, H), torch.zeros(w.layers, B, H)
         self.gates, self.logits = torch.zeros(B, layout.gates_padded), torch.zeros(B, layout.vocab_padded)
         self.ids = np.zeros(B, dtype=np.int32)
         self._logits_view = self.logits.numpy()[:, :w.vocab_size]
         self._weight_ptrs = (ctypes.c_void_p * w.layers)(*[p.data_ptr() for p in layout.panels])
         self._bias_ptrs = (ctypes.c_void_p * w.layers)(*[b.data_ptr() for b in layout.biases])
-        shards = max(1, min(threads, B // MIN_SHARD_ROWS))
+        self._inputs_bf16 = np.zeros((team_size, B, 2 * H), dtype=np.uint16) if layout.bf16 else None
+        self._h_next = torch.zeros(w.layers, B, H) if team_size > 1 else None
+        self._library, self._team_size = library, team_size
+        self._team = self._start_team()
         bounds = [B * i // shards for i in range(shards + 1)]
         self._nets = [self._shard(start, stop) for start, stop in zip(bounds, bounds[1:])]
         self._refs = [ctypes.byref(net) for net in self._nets]
@@ -235,24 +297,127 @@ class NativeStepper(Stepper):
     def _shard(self, start: int, stop: int) -> NativeNet:
         """The Net for rows start..stop: pointers into the shared buffers at that row."""
         w, layout, f32 = self.weights, self._layout, 4
-        return NativeNet(stop - start, w.layers, w.units, layout.gates_padded, layout.vocab_padded, int(w.hard_sigmoid),
-                    self.batch_size, self.ids.ctypes.data + start * 4, layout.table.data_ptr(), self._weight_ptrs,
-                    self._bias_ptrs, layout.head_panels.data_ptr(), layout.head_bias.data_ptr(),
-                    self.h.data_ptr() + start * w.units * f32, self.c.data_ptr() + start * w.units * f32,
-                    self.gates.data_ptr() + start * layout.gates_padded * f32,
-                    self.logits.data_ptr() + start * layout.vocab_padded * f32)
+        scratch = self._inputs_bf16
+        return NativeNet(stop - start, w.layers, w.units, layout.gates_padded, layout.vocab_padded,
+                         int(w.hard_sigmoid), self.batch_size, layout.parts, int(layout.bf16), self._kernel,
+                         self.ids.ctypes.data + start * 4, layout.table.data_ptr(), self._weight_ptrs,
+                         self._bias_ptrs, layout.head_panels.data_ptr(), layout.head_bias.data_ptr(),
+                         self.h.data_ptr() + start * w.units * f32, self.c.data_ptr() + start * w.units * f32,
+                         self.gates.data_ptr() + start * layout.gates_padded * f32,
+                         self.logits.data_ptr() + start * layout.vocab_padded * f32,
+                         None if scratch is None else scratch.ctypes.data + start * 2 * w.units * 2,
+                         None if self._h_next is None else self._h_next.data_ptr(), self._team)
+
+    def _start_team(self) -> int | None:
+        """The C helper threads of a panel split (None without one)."""
+        self._team_pid = os.getpid()
+        if self._team_size == 1:
+            return None
+        team = self._library.charlstm_team_new(self._team_size)
+        if not team:
+            raise CharLSTMError(f"could not start {self._team_size - 1} native step threads")
+        return team
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         self.ids[:] = ids
+        if self._team is not None and os.getpid() != self._team_pid:
+            # a forked child has none of its parent's threads: start its own (the parent's
+            # team record is left alone, its threads live in the parent)
+            self._team = self._start_team()
+            for net in self._nets:
+                net.team = self._team
         others = [self._pool.submit(self._step, ref) for ref in self._refs[1:]] if self._pool else []
         failed = self._step(self._refs[0]) != 0
         if any(f.result() != 0 for f in others) or failed:
             raise RuntimeError("charlstm native step rejected its layout")  # a bug, not a user error
         return self._logits_view
 
-    def __del__(self) -> None:
+    def close(self) -> None:
         if getattr(self, "_pool", None) is not None:
             self._pool.shutdown(wait=False)
+            self._pool = None
+        if getattr(self, "_team", None) and os.getpid() == self._team_pid:
+            self._library.charlstm_team_free(self._team)
+        self._team = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def choose_split(weights: LeanWeights, batch_size: int, library: ctypes.CDLL, threads: int,
+                 precision: str) -> str:
+    """How to share a step among ``threads`` threads, by timing each way once on this machine
+    (kept beside the compiled kernel), not by guessing from the CPU's name."""
+    candidates = ["single"]
+    if threads > 1 and splittable(weights.units, threads):
+        candidates.append("panels")
+    if min(threads, batch_size // MIN_SHARD_ROWS) > 1:
+        candidates.append("rows")
+    if len(candidates) == 1:
+        return "single"
+    key = (f"{precision} layers={weights.layers} units={weights.units} vocab={weights.vocab_size} "
+           f"batch={batch_size} threads={threads}")
+    path = plans_file(library)
+    plans = _read_plans(path)
+    if plans.get(key, {}).get("split") in candidates:
+        return plans[key]["split"]
+    timings = time_splits(weights, batch_size, library, threads, precision, candidates)
+    best = min(timings, key=timings.get)
+    if timings["single"] < SHARING_MARGIN * timings[best]:
+        best = "single"  # sharing a step suffers most when other programs take the cores: only for a clear win
+    plans[key] = {"split": best, "seconds_per_step": timings}
+    _write_plans(path, plans)
+    return best
+
+
+def time_splits(weights: LeanWeights, batch_size: int, library: ctypes.CDLL, threads: int, precision: str,
+                candidates: Sequence[str]) -> dict[str, float]:
+    """Median seconds per step of each way of sharing a step."""
+    return _median_step_seconds(
+        {name: (lambda name=name: NativeStepper(weights, batch_size, library, threads, precision, split=name))
+         for name in candidates}, batch_size, _timing_steps(weights, batch_size))
+
+
+def _timing_steps(weights: LeanWeights, batch_size: int) -> int:
+    """Steps per timing: about 10 ms of work at 50 GFLOP/s, 10 to 500."""
+    flops = 16 * batch_size * weights.layers * weights.units ** 2
+    return int(min(500, max(10, 1e-2 * 50e9 / flops)))
+
+
+def _median_step_seconds(makers: dict[str, Callable[[], Stepper]], batch_size: int, steps: int,
+                         rounds: int = 5) -> dict[str, float]:
+    """Rounds interleaved, so that a busy moment of the machine hits every way alike; each
+    stepper made afresh and closed after its timing, so that no idle helper thread competes
+    with the next one."""
+    ids = np.zeros(batch_size, dtype=np.int64)
+    samples: dict[str, list[float]] = {name: [] for name in makers}
+    for _ in range(rounds):
+        for name, make in makers.items():
+            stepper = make()
+            stepper.step(ids)
+            start = time.perf_counter()
+            for _ in range(steps):
+                stepper.step(ids)
+            samples[name].append((time.perf_counter() - start) / steps)
+            stepper.close()
+    return {name: float(np.median(times)) for name, times in samples.items()}
+
+
+def _read_plans(path: Path) -> dict:
+    try:
+        plans = json.loads(path.read_text())
+        return plans if isinstance(plans, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_plans(path: Path, plans: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(plans, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only cache folder: measure again next time
 
 
 class ModuleStepper(Stepper):
@@ -294,11 +459,18 @@ def lean_supported(model: CharLSTM) -> bool:
 
 
 def make_stepper(model: CharLSTM, batch_size: int, backend: str = "auto",
-                 weights: LeanWeights | None = None, library: ctypes.CDLL | None = None) -> Stepper:
+                 weights: LeanWeights | None = None, library: ctypes.CDLL | None = None,
+                 precision: str = "fp32") -> Stepper:
     """A stepper for ``model``; ``auto`` = native on CPU where it compiles, torch otherwise,
-    module for layers the lean backends do not implement."""
+    module for layers the lean backends do not implement. ``precision`` ``bf16`` (lean
+    backends only): bf16 weights and products, fp32 sums and state."""
     if backend not in BACKENDS:
         raise CharLSTMError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if precision not in PRECISIONS:
+        raise CharLSTMError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "bf16" and (backend == "module" or not lean_supported(model)):
+        raise CharLSTMError("--precision bf16 runs on the native and torch backends, with sigmoid or "
+                            "hard_sigmoid gates and tanh cells")
     if backend == "module" or (backend == "auto" and not lean_supported(model)):
         return ModuleStepper(model, batch_size)
     if not lean_supported(model):
@@ -307,15 +479,38 @@ def make_stepper(model: CharLSTM, batch_size: int, backend: str = "auto",
     weights = weights or LeanWeights.from_model(model)
     device = model.head.weight.device
     if backend == "torch":
-        return TorchStepper(weights, batch_size, device)
+        return TorchStepper(weights, batch_size, device, precision)
     native_ok = device.type == "cpu" and weights.table is not None
     if backend == "native" and not native_ok:
         raise CharLSTMError("the native step runs on the CPU with vocabularies up to "
                             f"{MAX_TABLE_FLOATS // (4 * weights.units)} characters; use --backend torch")
     if native_ok:
         try:
-            return NativeStepper(weights, batch_size, library or native_library(), threads=torch.get_num_threads())
+            library = library or native_library()
+            threads = torch.get_num_threads()
+            if backend == "auto" and precision == "bf16" and batch_size >= BF16_LIBRARY_MIN_BATCH:
+                if choose_bf16_backend(weights, batch_size, library, threads) == "torch":
+                    return TorchStepper(weights, batch_size, device, precision)
+            return NativeStepper(weights, batch_size, library, threads=threads, precision=precision)
         except CharLSTMError:
             if backend == "native":
                 raise
-    return TorchStepper(weights, batch_size, device)
+    return TorchStepper(weights, batch_size, device, precision)
+
+
+def choose_bf16_backend(weights: LeanWeights, batch_size: int, library: ctypes.CDLL, threads: int) -> str:
+    """For bf16 batches: the native kernel or PyTorch's bf16 products (oneDNN, which uses
+    AMX where the CPU has it), whichever was faster here, timed once and kept."""
+    key = (f"bf16-backend layers={weights.layers} units={weights.units} vocab={weights.vocab_size} "
+           f"batch={batch_size} threads={threads}")
+    path = plans_file(library)
+    plans = _read_plans(path)
+    if plans.get(key, {}).get("backend") in ("native", "torch"):
+        return plans[key]["backend"]
+    makers = {"native": lambda: NativeStepper(weights, batch_size, library, threads, "bf16"),
+              "torch": lambda: TorchStepper(weights, batch_size, torch.device("cpu"), "bf16")}
+    timings = _median_step_seconds(makers, batch_size, _timing_steps(weights, batch_size))
+    best = min(timings, key=timings.get)
+    plans[key] = {"backend": best, "seconds_per_step": timings}
+    _write_plans(path, plans)
+    return best

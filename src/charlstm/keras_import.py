@@ -22,6 +22,7 @@ training text, read as ``TextReading`` says; its size must equal the Dense layer
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import math
@@ -36,7 +37,8 @@ import numpy as np
 import torch
 
 from .checkpoint import TrainedModel
-from .corpus import Normalization, check_input_file, read_text_bytes, strip_gutenberg_boilerplate
+from .corpus import (Normalization, check_input_file, read_text_bytes, strip_gutenberg_boilerplate,
+                     undecodable)
 from .data import random_windows
 from .errors import CharLSTMError
 from .model import CharLSTM, ModelConfig
@@ -75,6 +77,7 @@ class TextReading:
     keep_bom: bool = False             # Python 3's open() without encoding keeps it as '\ufeff'
     universal_newlines: bool = False   # Python 3's text mode turns CRLF and CR into LF
     as_bytes: bool = False             # Python 2's str: one character per byte
+    encoding: str = "utf-8"            # what open(..., encoding=) the script used
 
     def decode(self, raw: bytes, source: str = "the text") -> str:
         if self.as_bytes:
@@ -82,11 +85,13 @@ class TextReading:
             bom = BYTES_BOM
         else:
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode(self.encoding)
             except UnicodeDecodeError as err:
+                if codecs.lookup(self.encoding).name != "utf-8":
+                    raise undecodable(source, self.encoding, err.start) from None
                 raise CharLSTMError(
-                    f"{source}: not valid UTF-8 (byte {err.start}); if the model was trained with "
-                    "Python 2, which read bytes, pass --bytes"
+                    f"{source}: not valid UTF-8 (byte {err.start}); pass its --encoding (e.g. cp1252), or if "
+                    "the model was trained with Python 2, which read bytes, pass --bytes"
                 ) from None
             bom = UTF8_BOM
         if not self.keep_bom and text.startswith(bom):
@@ -101,7 +106,8 @@ class TextReading:
     def options(self) -> list[str]:
         """The command-line options that select this reading."""
         flags = [(not self.lowercase, "--keep-case"), (self.keep_bom, "--keep-bom"),
-                 (self.universal_newlines, "--universal-newlines"), (self.as_bytes, "--bytes")]
+                 (self.universal_newlines, "--universal-newlines"), (self.as_bytes, "--bytes"),
+                 (codecs.lookup(self.encoding).name != "utf-8", f"--encoding {self.encoding}")]
         return [name for on, name in flags if on]
 
     def describe(self) -> str:

@@ -1,50 +1,83 @@
 /* charlstm's native step kernel: one time step of a stack of LSTM layers plus the output
  * head, for B independent streams, in one call.
  *
- * charlstm.native compiles this file on first use (cc -O3 -march=native), caches the
- * library and calls it through ctypes. It exists because for one stream the work per
+ * charlstm.native compiles this file on first use (cc -O3 -march=native -pthread), caches
+ * the library and calls it through ctypes. It exists because for one stream the work per
  * character is two small matrix-vector products, and the BLAS gemv behind PyTorch and
- * NumPy reaches only about a third of this machine's cache bandwidth on them.
+ * NumPy reaches only about a third of the cache bandwidth on them.
  *
  * Layout (prepared by native.py):
  *  - every matrix is packed in panels of CHUNK consecutive outputs: panel p is a contiguous
  *    block of K rows, row k holding the weights from input k to outputs p*CHUNK.. p*CHUNK+63,
  *    so one panel streams through the cache once per step whatever the batch size;
- *  - gate order is PyTorch's (i, f, g, o); output widths are zero-padded to a CHUNK multiple;
+ *  - bf16 weights (net->bf16) pair rows k and k+1: row pair q holds CHUNK 32-bit words,
+ *    word j = bf16 weight (2q, j) in its low half and (2q+1, j) in its high half, the layout
+ *    of AVX-512-BF16's dot product; the layer inputs are rounded to bf16 too and every sum
+ *    is kept in fp32 (the semantics of AMX and oneDNN's bf16 products);
+ *  - gate outputs come in `parts` groups: group s holds (i, f, g, o) for units
+ *    s*H/parts.. (s+1)*H/parts, so that a thread owning group s computes its gates and then
+ *    its units' cell update with no other thread's results (parts = 1: PyTorch's order);
+ *    output widths are zero-padded to a CHUNK multiple;
  *  - layer 0 reads its input part from `table` (input projection plus both biases, one
  *    padded row per character); layer l > 0 has K = 2H rows: H from the layer below, then H
  *    from its own previous output;
  *  - h and c are (L, state_rows, H), of which this call updates its first B rows (a shard of
  *    the batch when several threads share one); gates is (B, Np) scratch; logits is (B, Vp).
- * Each accumulator sums over k in the same order whatever the batch size, so a stream's
- * numbers do not depend on which other streams share its batch.
+ * Each accumulator sums over k in the same order whatever the batch size and however the
+ * work is split, so a stream's numbers do not depend on which other streams share its batch
+ * nor on the number of threads.
+ *
+ * Splitting one step across threads (net->team): thread t computes panel range t of every
+ * layer and of the head for all rows, then its units' cell update, and meets the others at a
+ * spin barrier once per layer; each thread then reads only its share of the weights, which
+ * stays in its own core's cache. Between steps the helper threads spin a while, then sleep.
  */
+#define _GNU_SOURCE
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define LANES 16
 #define VECS 4
 #define CHUNK (LANES * VECS)
 #define ROWS 4
+#define MAX_THREADS 64
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 typedef float uvec __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
+typedef uint32_t wvec __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint32_t uwvec __attribute__((vector_size(LANES * sizeof(uint32_t)), aligned(4)));
+
+struct Team;
 
 typedef struct {
     int32_t batch, layers, units, gates_padded, vocab_padded, hard_sigmoid;
     int32_t state_rows; /* rows per layer in h and c: the whole batch when this is a shard of it */
+    int32_t parts;      /* gate groups in the layout (see above); a team has this many threads */
+    int32_t bf16;       /* weights and head are bf16 row pairs */
+    int32_t kernel;     /* bf16 products: 0 portable C, 1 AVX-512-BF16 instructions */
     const int32_t *ids;
     const float *table;
-    const float *const *weights;
+    const void *const *weights;
     const float *const *biases;
-    const float *head_weight;
+    const void *head_weight;
     const float *head_bias;
     float *h, *c, *gates, *logits;
+    uint16_t *inputs_bf16; /* bf16 only: (threads, B, 2H) scratch, the rounded layer inputs */
+    float *h_next;         /* team only: (L, B, H) scratch, new h before it replaces the old */
+    struct Team *team;     /* NULL: this thread does the whole step */
 } Net;
 
 static inline vec load(const float *p) { return *(const uvec *)p; }
 static inline void store(float *p, vec v) { *(uvec *)p = v; }
+static inline wvec loadw(const uint32_t *p) { return *(const uwvec *)p; }
+
+/* ------------------------------------------------------------------ fp32 products */
 
 /* out[r] = init[r] + x0[r] . panel[:K0] + x1[r] . panel[K0:], for R <= ROWS rows. */
 static inline __attribute__((always_inline)) void panel_rows(
@@ -75,27 +108,173 @@ static inline __attribute__((always_inline)) void panel_rows(
             store(out + r * out_stride + j * LANES, acc[r][j]);
 }
 
-/* out (B, n_out) = init + [x0 | x1] @ W; init row b is init_base + ids[b] * n_out (ids NULL:
- * the same row for all). x0, x1 are (B, K0) and (B, K1) with row stride x_stride. */
-static void packed_matmul(int B, int n_out, int K0, const float *x0, int K1, const float *x1,
-                          long x_stride, const float *W, const float *init_base,
-                          const int32_t *ids, float *out)
+/* ------------------------------------------------------------------ bf16 products */
+
+/* Round to the nearest bf16, ties to even (inputs are finite). */
+static inline uint16_t to_bf16(float x)
 {
-    const long panel_size = (long)(K0 + K1) * CHUNK;
-    for (int p = 0; p < n_out / CHUNK; p++) {
-        const float *panel = W + p * panel_size;
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* Portable bf16 pair products: word (lo, hi) -> two floats by a shift and a mask; the high
+ * product is added first, as AVX-512-BF16's dot product does. x rows hold K/2 pair words. */
+static inline __attribute__((always_inline)) void panel_rows_bf16(
+    const int R, int pairs, const uint32_t *x, long x_stride, const uint32_t *panel,
+    const float *const init[ROWS], float *out, long out_stride)
+{
+    vec acc[ROWS][VECS];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < VECS; j++)
+            acc[r][j] = load(init[r] + j * LANES);
+    const uint32_t *w = panel;
+    const wvec high_mask = (wvec){0} + 0xffff0000u;
+    for (int q = 0; q < pairs; q++, w += CHUNK) {
+        vec lo[VECS], hi[VECS];
+        for (int j = 0; j < VECS; j++) {
+            wvec words = loadw(w + j * LANES);
+            lo[j] = (vec)(words << 16);
+            hi[j] = (vec)(words & high_mask);
+        }
+        for (int r = 0; r < R; r++) {
+            uint32_t pair = x[r * x_stride + q];
+            uint32_t lo_bits = pair << 16, hi_bits = pair & 0xffff0000u;
+            float xl, xh;
+            memcpy(&xl, &lo_bits, 4);
+            memcpy(&xh, &hi_bits, 4);
+            vec vl = (vec){0} + xl, vh = (vec){0} + xh;
+            for (int j = 0; j < VECS; j++) {
+                acc[r][j] += vh * hi[j];
+                acc[r][j] += vl * lo[j];
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < VECS; j++)
+            store(out + r * out_stride + j * LANES, acc[r][j]);
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && \
+    ((defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && __GNUC__ >= 10))
+#define HAVE_BF16_INTRINSICS 1
+#include <cpuid.h>
+#include <immintrin.h>
+
+__attribute__((target("avx512f,avx512bf16"), always_inline)) static inline void panel_rows_dpbf16(
+    const int R, int pairs, const uint32_t *x, long x_stride, const uint32_t *panel,
+    const float *const init[ROWS], float *out, long out_stride)
+{
+    __m512 acc[ROWS][VECS];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < VECS; j++)
+            acc[r][j] = _mm512_loadu_ps(init[r] + j * LANES);
+    const uint32_t *w = panel;
+    for (int q = 0; q < pairs; q++, w += CHUNK) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + LANES);
+        __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + 2 * LANES);
+        __m512bh w3 = (__m512bh)_mm512_loadu_si512(w + 3 * LANES);
+        for (int r = 0; r < R; r++) {
+            __m512bh xv = (__m512bh)_mm512_set1_epi32((int)x[r * x_stride + q]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xv);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xv);
+            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], w2, xv);
+            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], w3, xv);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < VECS; j++)
+            _mm512_storeu_ps(out + r * out_stride + j * LANES, acc[r][j]);
+}
+
+/* A separate function: code for these instructions cannot be inlined into a caller compiled
+ * for a CPU without them. */
+__attribute__((target("avx512f,avx512bf16"), noinline)) static void panel_dpbf16(
+    int R, int pairs, const uint32_t *x, long x_stride, const uint32_t *panel,
+    const float *const init[ROWS], float *out, long out_stride)
+{
+    switch (R) {
+    case 4: panel_rows_dpbf16(4, pairs, x, x_stride, panel, init, out, out_stride); break;
+    case 3: panel_rows_dpbf16(3, pairs, x, x_stride, panel, init, out, out_stride); break;
+    case 2: panel_rows_dpbf16(2, pairs, x, x_stride, panel, init, out, out_stride); break;
+    default: panel_rows_dpbf16(1, pairs, x, x_stride, panel, init, out, out_stride); break;
+    }
+}
+
+/* CPUID leaf 7: AVX-512F (sub-leaf 0, EBX bit 16) and AVX-512-BF16 (sub-leaf 1, EAX bit 5),
+ * with the OS saving the zmm registers (XCR0 bits 5-7 and 1-2). */
+static int cpu_has_avx512_bf16(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(1, 0, &a, &b, &c, &d) || !(c & (1u << 27))) /* OSXSAVE */
+        return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0xe6) != 0xe6)
+        return 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(b & (1u << 16)))
+        return 0;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d))
+        return 0;
+    return (a >> 5) & 1;
+}
+#else
+static int cpu_has_avx512_bf16(void) { return 0; }
+#endif
+
+/* Which bf16 kernels this CPU runs: bit 0 portable, bit 1 AVX-512-BF16. */
+int charlstm_bf16_kernels(void) { return 1 | (cpu_has_avx512_bf16() << 1); }
+
+/* ------------------------------------------------------------------ panel loops */
+
+typedef struct {
+    int B, n_out, K0, K1;
+    const float *x0, *x1; /* fp32 inputs (B, K0) and (B, K1), row stride x_stride */
+    long x_stride;
+    const uint32_t *xb;  /* bf16 inputs as pair words (B, (K0+K1)/2), or NULL for fp32 */
+    const void *W;
+    const float *init_base;
+    const int32_t *ids;   /* init row b is init_base + ids[b] * n_out; NULL: the same row for all */
+    float *out;
+    int kernel;
+} Product;
+
+/* Panels p0..p1 of out (B, n_out) = init + [x0 | x1] @ W. */
+static void packed_matmul(const Product *m, int p0, int p1)
+{
+    const int K = m->K0 + m->K1, B = m->B;
+    for (int p = p0; p < p1; p++) {
         for (int r0 = 0; r0 < B; r0 += ROWS) {
             const int R = B - r0 < ROWS ? B - r0 : ROWS;
             const float *init[ROWS];
             for (int r = 0; r < R; r++)
-                init[r] = init_base + (ids ? (long)ids[r0 + r] * n_out : 0) + p * CHUNK;
-            const float *a = x0 + r0 * x_stride, *b = x1 ? x1 + r0 * x_stride : 0;
-            float *o = out + (long)r0 * n_out + p * CHUNK;
-            switch (R) {
-            case 4: panel_rows(4, K0, a, K1, b, x_stride, panel, init, o, n_out); break;
-            case 3: panel_rows(3, K0, a, K1, b, x_stride, panel, init, o, n_out); break;
-            case 2: panel_rows(2, K0, a, K1, b, x_stride, panel, init, o, n_out); break;
-            default: panel_rows(1, K0, a, K1, b, x_stride, panel, init, o, n_out); break;
+                init[r] = m->init_base + (m->ids ? (long)m->ids[r0 + r] * m->n_out : 0) + p * CHUNK;
+            float *o = m->out + (long)r0 * m->n_out + p * CHUNK;
+            if (m->xb) {
+                const uint32_t *panel = (const uint32_t *)m->W + (long)p * (K / 2) * CHUNK;
+                const uint32_t *x = m->xb + (long)r0 * (K / 2);
+#ifdef HAVE_BF16_INTRINSICS
+                if (m->kernel == 1) {
+                    panel_dpbf16(R, K / 2, x, K / 2, panel, init, o, m->n_out);
+                    continue;
+                }
+#endif
+                switch (R) {
+                case 4: panel_rows_bf16(4, K / 2, x, K / 2, panel, init, o, m->n_out); break;
+                case 3: panel_rows_bf16(3, K / 2, x, K / 2, panel, init, o, m->n_out); break;
+                case 2: panel_rows_bf16(2, K / 2, x, K / 2, panel, init, o, m->n_out); break;
+                default: panel_rows_bf16(1, K / 2, x, K / 2, panel, init, o, m->n_out); break;
+                }
+            } else {
+                const float *panel = (const float *)m->W + (long)p * K * CHUNK;
+                const float *a = m->x0 + r0 * m->x_stride, *b = m->x1 ? m->x1 + r0 * m->x_stride : 0;
+                switch (R) {
+                case 4: panel_rows(4, m->K0, a, m->K1, b, m->x_stride, panel, init, o, m->n_out); break;
+                case 3: panel_rows(3, m->K0, a, m->K1, b, m->x_stride, panel, init, o, m->n_out); break;
+                case 2: panel_rows(2, m->K0, a, m->K1, b, m->x_stride, panel, init, o, m->n_out); break;
+                default: panel_rows(1, m->K0, a, m->K1, b, m->x_stride, panel, init, o, m->n_out); break;
+                }
             }
         }
     }
@@ -136,20 +315,22 @@ static inline float hard_sigmoid(float x)
     return y > 1.0f ? 1.0f : y;
 }
 
-/* c = f * c + i * g; h = o * tanh(c), for every stream, from the (B, Np) gate sums. */
-static void lstm_cell(int B, int H, int Np, int hard, const float *gates, float *h, float *c)
+/* c = f * c + i * g; h = o * tanh(c), for units u0.. u0+n of every stream, from the gate
+ * group at column g0 of the (B, Np) gate sums: i, f, g, o each n wide. h_out rows are H wide. */
+static void lstm_cell(int B, int H, int Np, int hard, int g0, int u0, int n, const float *gates,
+                      float *h_out, float *c)
 {
     for (int b = 0; b < B; b++) {
-        const float *gi = gates + (long)b * Np, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
-        float *hb = h + (long)b * H, *cb = c + (long)b * H;
+        const float *gi = gates + (long)b * Np + g0, *gf = gi + n, *gg = gi + 2 * n, *go = gi + 3 * n;
+        float *hb = h_out + (long)b * H + u0, *cb = c + (long)b * H + u0;
         if (hard) {
-            for (int j = 0; j < H; j++) {
+            for (int j = 0; j < n; j++) {
                 float cj = hard_sigmoid(gf[j]) * cb[j] + hard_sigmoid(gi[j]) * tanh_(gg[j]);
                 cb[j] = cj;
                 hb[j] = hard_sigmoid(go[j]) * tanh_(cj);
             }
         } else {
-            for (int j = 0; j < H; j++) {
+            for (int j = 0; j < n; j++) {
                 float cj = sigmoid(gf[j]) * cb[j] + sigmoid(gi[j]) * tanh_(gg[j]);
                 cb[j] = cj;
                 hb[j] = sigmoid(go[j]) * tanh_(cj);
@@ -158,25 +339,218 @@ static void lstm_cell(int B, int H, int Np, int hard, const float *gates, float 
     }
 }
 
+/* ------------------------------------------------------------------ thread team */
+
+typedef struct Team {
+    int threads;
+    _Atomic unsigned go;         /* step number asked for */
+    _Atomic int arrived;         /* barrier: threads arrived in this round */
+    _Atomic unsigned round;      /* barrier: rounds completed */
+    _Atomic int sleepers, quit;
+    const Net *_Atomic net;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    pthread_t workers[MAX_THREADS];
+    int started;
+} Team;
+
+#define SPIN_BEFORE_SLEEP_NS 300000L /* helpers sleep after 0.3 ms without a step */
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* Every thread of the team waits here until all have arrived. Spins, and yields the core
+ * now and then, in case another program holds the core a waited-for thread needs. */
+static void barrier(Team *team)
+{
+    const unsigned round = atomic_load(&team->round);
+    if (atomic_fetch_add(&team->arrived, 1) == team->threads - 1) {
+        atomic_store(&team->arrived, 0);
+        atomic_store(&team->round, round + 1);
+        return;
+    }
+    for (unsigned spins = 1; atomic_load(&team->round) == round; spins++) {
+        cpu_relax();
+        if (spins % 1024 == 0)
+            sched_yield();
+    }
+}
+
+/* Thread t's share of one step. */
+static void step_part(const Net *net, int t, int T)
+{
+    const int B = net->batch, H = net->units, Np = net->gates_padded, Vp = net->vocab_padded;
+    const long layer_size = (long)net->state_rows * H;
+    const int P = net->parts, n = H / P; /* gate groups in the layout, units per group */
+    const int gate_panels = Np / CHUNK, head_panels = Vp / CHUNK;
+    uint16_t *xb = net->bf16 ? net->inputs_bf16 + (long)t * B * 2 * H : 0;
+    const float *below = 0;
+    for (int l = 0; l < net->layers; l++) {
+        float *h = net->h + l * layer_size, *c = net->c + l * layer_size;
+        float *h_out = T > 1 ? net->h_next + (long)l * B * H : h;
+        Product m = {B, Np, l ? H : 0, H, below, h, H, 0, net->weights[l],
+                     l ? net->biases[l] : net->table, l ? 0 : net->ids, net->gates, net->kernel};
+        if (l == 0) { m.x0 = h; m.x1 = 0; m.K0 = H; m.K1 = 0; }
+        if (xb) {
+            const int K = m.K0 + m.K1;
+            for (int b = 0; b < B; b++) {
+                for (int k = 0; k < m.K0; k++)
+                    xb[(long)b * K + k] = to_bf16(m.x0[(long)b * m.x_stride + k]);
+                for (int k = 0; k < m.K1; k++)
+                    xb[(long)b * K + m.K0 + k] = to_bf16(m.x1[(long)b * m.x_stride + k]);
+            }
+            m.xb = (const uint32_t *)xb;
+        }
+        packed_matmul(&m, gate_panels * t / T, gate_panels * (t + 1) / T);
+        const int s0 = P * t / T, s1 = P * (t + 1) / T; /* my gate groups */
+        for (int s = s0; s < s1; s++)
+            lstm_cell(B, H, Np, net->hard_sigmoid, 4 * n * s, n * s, n, net->gates, h_out, c);
+        if (T > 1) {
+            barrier(net->team);
+            /* everyone has read the old h of this layer: replace my units of it */
+            for (int b = 0; b < B; b++)
+                memcpy(h + (long)b * H + n * s0, h_out + (long)b * H + n * s0, (long)n * (s1 - s0) * sizeof(float));
+        }
+        below = h_out;
+    }
+    /* the head reads the top layer's new h (h_next in a team: copies may be under way) */
+    Product head = {B, Vp, H, 0, below, 0, H, 0, net->head_weight, net->head_bias, 0, net->logits,
+                    net->kernel};
+    if (xb) {
+        for (int b = 0; b < B; b++)
+            for (int k = 0; k < H; k++)
+                xb[(long)b * H + k] = to_bf16(below[(long)b * H + k]);
+        head.xb = (const uint32_t *)xb;
+    }
+    packed_matmul(&head, head_panels * t / T, head_panels * (t + 1) / T);
+    if (T > 1)
+        barrier(net->team);
+}
+
+typedef struct {
+    Team *team;
+    int index;
+} WorkerArg;
+
+static void *worker(void *arg)
+{
+    Team *team = ((WorkerArg *)arg)->team;
+    const int index = ((WorkerArg *)arg)->index;
+    free(arg);
+    unsigned seen = 0;
+    for (;;) {
+        long idle_since = now_ns();
+        for (unsigned spins = 1; atomic_load(&team->go) == seen && !atomic_load(&team->quit); spins++) {
+            cpu_relax();
+            if (spins % 1024 == 0 && now_ns() - idle_since > SPIN_BEFORE_SLEEP_NS) {
+                pthread_mutex_lock(&team->lock);
+                atomic_fetch_add(&team->sleepers, 1);
+                while (atomic_load(&team->go) == seen && !atomic_load(&team->quit))
+                    pthread_cond_wait(&team->wake, &team->lock);
+                atomic_fetch_sub(&team->sleepers, 1);
+                pthread_mutex_unlock(&team->lock);
+            }
+        }
+        if (atomic_load(&team->quit))
+            return 0;
+        seen = atomic_load(&team->go);
+        const Net *net = atomic_load(&team->net);
+        step_part(net, index, team->threads);
+    }
+}
+
+void charlstm_team_free(Team *team)
+{
+    if (!team)
+        return;
+    pthread_mutex_lock(&team->lock);
+    atomic_store(&team->quit, 1);
+    pthread_cond_broadcast(&team->wake);
+    pthread_mutex_unlock(&team->lock);
+    for (int i = 0; i < team->started; i++)
+        pthread_join(team->workers[i], 0);
+    pthread_cond_destroy(&team->wake);
+    pthread_mutex_destroy(&team->lock);
+    free(team);
+}
+
+/* A team of `threads` threads for split steps: the caller plus threads - 1 helpers. */
+Team *charlstm_team_new(int32_t threads)
+{
+    if (threads < 2 || threads > MAX_THREADS)
+        return 0;
+    Team *team = calloc(1, sizeof *team);
+    if (!team)
+        return 0;
+    team->threads = threads;
+    pthread_mutex_init(&team->lock, 0);
+    pthread_cond_init(&team->wake, 0);
+    for (int i = 1; i < threads; i++) {
+        WorkerArg *arg = malloc(sizeof *arg);
+        if (arg) {
+            arg->team = team;
+            arg->index = i;
+        }
+        if (!arg || pthread_create(&team->workers[team->started], 0, worker, arg) != 0) {
+            free(arg);
+            charlstm_team_free(team);
+            return 0;
+        }
+        team->started++;
+    }
+    return team;
+}
+
 /* One step: reads net->ids (B), updates net->h and net->c, writes net->logits. */
 int charlstm_step(const Net *net)
 {
-    const int B = net->batch, H = net->units, Np = net->gates_padded;
-    const long layer_size = (long)net->state_rows * H;
-    if (Np % CHUNK || net->vocab_padded % CHUNK)
+    const int H = net->units, T = net->team ? net->team->threads : 1;
+    if (net->gates_padded % CHUNK || net->vocab_padded % CHUNK || (T > 1 && T != net->parts))
         return 1;
-    for (int l = 0; l < net->layers; l++) {
-        float *h = net->h + l * layer_size, *c = net->c + l * layer_size;
-        if (l == 0)
-            packed_matmul(B, Np, H, h, 0, 0, H, net->weights[0], net->table, net->ids, net->gates);
-        else
-            packed_matmul(B, Np, H, h - layer_size, H, h, H, net->weights[l], net->biases[l], 0,
-                          net->gates);
-        lstm_cell(B, H, Np, net->hard_sigmoid, net->gates, h, c);
+    if (net->parts > 1 && (H % (16 * net->parts) || net->gates_padded != 4 * H))
+        return 1;
+    if (net->bf16 && (H % 2 || !net->inputs_bf16))
+        return 1;
+    if (T > 1 && !net->h_next)
+        return 1;
+    if (T > 1) {
+        Team *team = net->team;
+        atomic_store(&team->net, net);
+        atomic_fetch_add(&team->go, 1);
+        if (atomic_load(&team->sleepers) > 0) {
+            pthread_mutex_lock(&team->lock);
+            pthread_cond_broadcast(&team->wake);
+            pthread_mutex_unlock(&team->lock);
+        }
     }
-    const float *top = net->h + (net->layers - 1) * layer_size;
-    packed_matmul(B, net->vocab_padded, H, top, 0, 0, H, net->head_weight, net->head_bias, 0, net->logits);
+    step_part(net, 0, T);
     return 0;
+}
+
+/* Bytes/s probe: sums `floats` floats `repeats` times (the machine probe of the benchmarks). */
+float charlstm_stream_sum(const float *data, int64_t floats, int32_t repeats)
+{
+    vec acc[4] = {{0}, {0}, {0}, {0}};
+    for (int r = 0; r < repeats; r++)
+        for (int64_t i = 0; i + 4 * LANES <= floats; i += 4 * LANES)
+            for (int j = 0; j < 4; j++)
+                acc[j] += load(data + i + j * LANES);
+    vec total = acc[0] + acc[1] + acc[2] + acc[3];
+    float sum = 0;
+    for (int j = 0; j < LANES; j++)
+        sum += total[j];
+    return sum;
 }
 
 /* Temperature sampling by inverse CDF, the rule of charlstm.generate's NumPy path: weights
@@ -208,4 +582,4 @@ void charlstm_sample(int32_t rows, int32_t vocab, int64_t stride, const float *l
 }
 
 /* Lets the loader check that it talks to the file it compiled. */
-int charlstm_abi_version(void) { return 3; }
+int charlstm_abi_version(void) { return 4; }

@@ -37,9 +37,10 @@ class MetricsLog:
                 writer.writeheader()
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
 
-    def forget(self, run_id: str, from_epoch: int) -> int:
-        """Drop this run's rows for ``from_epoch`` on (a killed session logged them, the resumed
-        one redoes them); returns how many went. Both files are rewritten atomically."""
+    def forget(self, run_id: str, after_step: int) -> int:
+        """Drop this run's rows logged after optimiser step ``after_step`` (a killed session logged
+        them after its last save; the resumed one redoes them); returns how many went. Both files
+        are rewritten atomically."""
         path = self.run_dir / JSONL_NAME
         if not path.is_file():
             return 0
@@ -53,7 +54,7 @@ class MetricsLog:
                 dropped += 1
                 continue
             same_run = row.get("run_id") in (run_id, None)
-            if same_run and isinstance(row.get("epoch"), int) and row["epoch"] >= from_epoch:
+            if same_run and isinstance(row.get("step"), int) and row["step"] > after_step:
                 dropped += 1
                 continue
             kept.append(row)

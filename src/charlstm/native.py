@@ -27,20 +27,24 @@ if TYPE_CHECKING:
     from .fast_step import LeanWeights
 
 CHUNK = 64                       # outputs per packed panel; must match lstm_step.c
-NATIVE_ABI = 3                   # must match charlstm_abi_version() in lstm_step.c
+NATIVE_ABI = 4                   # must match charlstm_abi_version() in lstm_step.c
 NATIVE_CACHE_ENV = "CHARLSTM_NATIVE_CACHE"
 COMPILE_TIMEOUT_S = 120
+PRECISIONS = ("fp32", "bf16")
+BF16_PORTABLE, BF16_AVX512 = 0, 1  # lstm_step.c's bf16 product kernels
 
 
 class NativeNet(ctypes.Structure):
     """Mirror of ``Net`` in lstm_step.c."""
 
     _fields_ = [(name, ctypes.c_int32) for name in
-                ("batch", "layers", "units", "gates_padded", "vocab_padded", "hard_sigmoid", "state_rows")] + [
+                ("batch", "layers", "units", "gates_padded", "vocab_padded", "hard_sigmoid", "state_rows",
+                 "parts", "bf16", "kernel")] + [
         ("ids", ctypes.c_void_p), ("table", ctypes.c_void_p),
         ("weights", ctypes.POINTER(ctypes.c_void_p)), ("biases", ctypes.POINTER(ctypes.c_void_p)),
         ("head_weight", ctypes.c_void_p), ("head_bias", ctypes.c_void_p),
         ("h", ctypes.c_void_p), ("c", ctypes.c_void_p), ("gates", ctypes.c_void_p), ("logits", ctypes.c_void_p),
+        ("inputs_bf16", ctypes.c_void_p), ("h_next", ctypes.c_void_p), ("team", ctypes.c_void_p),
     ]
 
 
@@ -56,18 +60,41 @@ def pack_panels(matrix: torch.Tensor) -> torch.Tensor:
     return padded.T.reshape(k, -1, CHUNK).permute(1, 0, 2).contiguous()
 
 
+def bf16_pairs(panels: torch.Tensor) -> torch.Tensor:
+    """(P, K, 64) float panels -> (P, K/2, 64, 2) bf16: rows k and k+1 side by side in one
+    32-bit word per output, AVX-512-BF16's dot-product layout (rounded to nearest even)."""
+    n, k, width = panels.shape
+    return panels.to(torch.bfloat16).reshape(n, k // 2, 2, width).permute(0, 1, 3, 2).contiguous()
+
+
 def _pad_columns(matrix: torch.Tensor, width: int) -> torch.Tensor:
     out = torch.zeros(*matrix.shape[:-1], width, dtype=torch.float32)
     out[..., :matrix.shape[-1]] = matrix
     return out.contiguous()
 
 
+def gate_groups(units: int, parts: int) -> torch.Tensor:
+    """Gate order for ``parts`` groups: group s holds (i, f, g, o) of units s*H/parts.. in
+    turn, so that the thread owning it can update those units' cells on its own."""
+    n = units // parts
+    return torch.cat([torch.arange(gate * units + s * n, gate * units + (s + 1) * n)
+                      for s in range(parts) for gate in range(4)])
+
+
+def splittable(units: int, parts: int) -> bool:
+    """Whether the gates split into ``parts`` groups of whole 64-wide panels."""
+    return parts == 1 or units % (16 * parts) == 0
+
+
 @dataclass
 class NativeLayout:
-    """LeanWeights packed for lstm_step.c (CPU, float32, widths padded to CHUNK)."""
+    """LeanWeights packed for lstm_step.c (CPU; fp32 or bf16 matrices; widths padded to
+    CHUNK; gates in ``parts`` groups)."""
 
     gates_padded: int
     vocab_padded: int
+    parts: int
+    bf16: bool
     table: torch.Tensor
     panels: list[torch.Tensor]
     biases: list[torch.Tensor]
@@ -75,14 +102,20 @@ class NativeLayout:
     head_bias: torch.Tensor
 
     @classmethod
-    def from_weights(cls, w: "LeanWeights") -> "NativeLayout":
+    def from_weights(cls, w: "LeanWeights", parts: int = 1, precision: str = "fp32") -> "NativeLayout":
+        if not splittable(w.units, parts):
+            raise ValueError(f"{w.units} units do not split into {parts} groups of whole panels")
+        if precision == "bf16" and w.units % 2:
+            raise CharLSTMError(f"--precision bf16 needs an even number of units, not {w.units}")
         cpu = lambda t: t.detach().to("cpu", torch.float32)  # noqa: E731
+        order = gate_groups(w.units, parts)
+        bf16 = precision == "bf16"
+        matrix = (lambda m: bf16_pairs(pack_panels(m))) if bf16 else pack_panels
         n_gates, n_vocab = _padded(4 * w.units), _padded(w.vocab_size)
-        return cls(n_gates, n_vocab, table=_pad_columns(cpu(w.table), n_gates),
-                   panels=[pack_panels(cpu(m)) for m in w.recurrent],
-                   biases=[_pad_columns(cpu(b), n_gates) for b in w.biases],
-                   head_panels=pack_panels(cpu(w.head_weight)), head_bias=_pad_columns(cpu(w.head_bias), n_vocab))
-
+        return cls(n_gates, n_vocab, parts, bf16, table=_pad_columns(cpu(w.table)[:, order], n_gates),
+                   panels=[matrix(cpu(m)[order]) for m in w.recurrent],
+                   biases=[_pad_columns(cpu(b)[order], n_gates) for b in w.biases],
+                   head_panels=matrix(cpu(w.head_weight)), head_bias=_pad_columns(cpu(w.head_bias), n_vocab))
 
 
 def native_cache_dir() -> Path:
@@ -110,11 +143,13 @@ def _find_compiler() -> str | None:
     return None
 
 
-def native_library(cache_dir: Path | None = None) -> ctypes.CDLL:
+def native_library(cache_dir: Path | None = None, arch: str = "native") -> ctypes.CDLL:
     """Compile (once per machine and source) and load the native kernel.
 
-    Raises ``CharLSTMError`` saying why when there is no compiler or compiling fails; a
-    failure is remembered beside the would-be library so later runs do not retry it.
+    ``arch`` is the compiler's ``-march`` (``native``: this CPU's widest vectors; e.g.
+    ``x86-64-v2`` builds the portable code a CPU without AVX-512 runs). Raises
+    ``CharLSTMError`` saying why when there is no compiler or compiling fails; a failure is
+    remembered beside the would-be library so later runs do not retry it.
     """
     if sys.platform == "win32":
         raise CharLSTMError("the native step is not built on Windows; use --backend torch")
@@ -124,25 +159,41 @@ def native_library(cache_dir: Path | None = None) -> ctypes.CDLL:
     source = resources.files("charlstm").joinpath("lstm_step.c").read_bytes()
     cache = Path(cache_dir) if cache_dir else native_cache_dir()
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), _cpu_signature().encode(),
-                                     platform.machine().encode()])).hexdigest()[:20]
+                                     platform.machine().encode(), arch.encode()])).hexdigest()[:20]
     library = cache / f"lstm_step-{key}.so"
     failure = library.with_suffix(".failed")
     if failure.is_file():
         raise CharLSTMError(f"the native step failed to compile before ({failure}): "
                             f"{failure.read_text(errors='replace').strip()[:300]}")
     if not library.is_file():
-        _compile(compiler, source, library, failure)
+        _compile(compiler, source, library, failure, arch)
     lib = ctypes.CDLL(str(library))
     lib.charlstm_step.argtypes = [ctypes.c_void_p]
     lib.charlstm_step.restype = ctypes.c_int
     lib.charlstm_sample.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_int64] + [ctypes.c_void_p] * 4
     lib.charlstm_sample.restype = None
+    lib.charlstm_team_new.argtypes = [ctypes.c_int32]
+    lib.charlstm_team_new.restype = ctypes.c_void_p
+    lib.charlstm_team_free.argtypes = [ctypes.c_void_p]
+    lib.charlstm_team_free.restype = None
+    lib.charlstm_stream_sum.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]
+    lib.charlstm_stream_sum.restype = ctypes.c_float
     if lib.charlstm_abi_version() != NATIVE_ABI:
         raise CharLSTMError(f"{library} is not the expected native kernel; delete it and retry")
     return lib
 
 
-def _compile(compiler: str, source: bytes, library: Path, failure: Path) -> None:
+def bf16_kernel(library: ctypes.CDLL) -> int:
+    """The bf16 product kernel this CPU runs: AVX-512-BF16 dot products where present."""
+    return BF16_AVX512 if library.charlstm_bf16_kernels() & 2 else BF16_PORTABLE
+
+
+def plans_file(library: ctypes.CDLL) -> Path:
+    """Where measured choices of step paths are kept: beside the compiled kernel."""
+    return Path(library._name).with_suffix(".plans.json")
+
+
+def _compile(compiler: str, source: bytes, library: Path, failure: Path, arch: str) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     src = library.with_name(f".{library.stem}.{os.getpid()}.c")
     tmp = library.with_name(f".{library.stem}.{os.getpid()}.so")
@@ -150,8 +201,9 @@ def _compile(compiler: str, source: bytes, library: Path, failure: Path) -> None
     errors = []
     try:
         # -march=native for this CPU's widest vectors; plain -O3 where the compiler refuses it
-        for arch in (["-march=native"], []):
-            cmd = [compiler, "-O3", *arch, "-shared", "-fPIC", "-o", str(tmp), str(src), "-lm"]
+        for flags in ([f"-march={arch}"], []):
+            cmd = [compiler, "-O3", *flags, "-Wno-psabi", "-pthread", "-shared", "-fPIC", "-o", str(tmp), str(src),
+                   "-lm"]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
             except (OSError, subprocess.TimeoutExpired) as err:

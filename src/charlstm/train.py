@@ -37,12 +37,14 @@ from .baselines import Baseline, compressor_baselines, format_baselines, versus_
 from .checkpoint import TrainedModel
 from .corpus import Corpus
 from .data import (IGNORE_INDEX, SentenceBatches, StatefulWindowBatches, StreamBatches, WindowBatches,
-                   random_windows, split_train_val)
+                   fixed_sample, random_windows, split_train_val)
 from .checks import (check_device, check_float, check_int, check_memory, check_output_dir, check_seed,
                      check_temperature, check_threads, training_bytes)
+from .distributed import Distributed
 from .errors import CharLSTMError
 from .fileio import RunLock, remove_stale_temporaries
 from .metrics import MetricsLog
+from .prepare import PreparedData
 from .finetune import load_init
 from .model import REGULARISATION_FIELDS, CharLSTM, ModelConfig, detach_state
 from .train_state import pack_carry, pack_optimizer, pack_rng, restore_rng, unpack_carry, unpack_optimizer
@@ -57,6 +59,11 @@ WINDOW_EVAL_FLOATS = 1 << 26  # bound on one evaluation chunk's activations
 DEFAULT_KEEP = 3              # weights-improvement files charlstm's own recipe keeps (tutorial presets: all)
 BASELINE_CONTEXT = 8_000_000  # training characters the compressors see before the validation text
 BASELINE_VAL = 2_000_000      # validation characters they compress (all of it for books)
+RANK_PREFIX = "rank"          # last.safetensors: the other ranks' random-generator states
+
+
+def _silent(message: str) -> None:
+    """Ranks other than 0 print nothing."""
 
 
 @dataclass(frozen=True)
@@ -89,13 +96,18 @@ class TrainConfig:
     sample_length: int = 200
     keep: int = 0                       # weights-improvement files kept (newest), 0 = all (as Keras)
     ignore_lock: bool = False           # write into an output folder another training holds
+    val_chars: int = 0                  # score this many validation characters (fixed, spread out), 0 = all
+    eval_every: int = 0                 # also evaluate (and keep the best) every N steps, 0 = per epoch only
+    save_every: int = 0                 # also write last.safetensors every N steps
+    max_steps: int = 0                  # stop (resumably) after N optimiser steps in all, 0 = no limit
 
     def validate(self) -> None:
         """Every value in range and finite (a NaN --clip or --weight-decay trains to a NaN model),
         the device present and the checkpoint template able to name files: all before any work."""
         for name in ("epochs", "batch_size", "bptt", "sample_length"):
             check_int(name, getattr(self, name), 1, 10**9 if name != "epochs" else UNLIMITED_EPOCHS)
-        for name in ("warmup_steps", "patience", "sample_every", "keep"):
+        for name in ("warmup_steps", "patience", "sample_every", "keep", "val_chars", "eval_every", "save_every",
+                     "max_steps"):
             check_int(name, getattr(self, name), 0, 10**9)
         check_float("lr", self.lr, 0.0, 1e3, low_open=True)
         check_float("weight_decay", self.weight_decay, 0.0, 1e3)
@@ -170,12 +182,65 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def preset_configs(preset: str, vocab_size: int, **overrides) -> tuple[ModelConfig, TrainConfig]:
-    """The preset's configs with ``overrides`` (any field of either config; None = keep)."""
+# The default recipe adapts to the text and the time budget (README, "A recipe that fits the
+# corpus"). Measured: the Alice row (150 kB: 2 x 256, dropout and weight drop 0.4, BPTT 50).
+# The other rows are reasoned, not yet measured: a run that reads each character only a few
+# times cannot overfit much, so it needs less dropout and can afford longer BPTT pieces; a wider
+# network only pays once the run reads ~100 characters per parameter.
+DEFAULT_RATE = 30_000  # chars/s of 2 x 256 on the 2-core CPU the rule was made on (bf16)
+WIDTHS = ((512, 1e9, 4.2), (384, 2e8, 2.2), (256, 0.0, 1.0))  # units, chars read at least, time per char
+REGULARISATION = ((10.0, 0.4, 50), (3.0, 0.25, 100), (1.0, 0.1, 100), (0.0, 0.0, 100))  # passes, drop, bptt
+
+
+@dataclass(frozen=True)
+class AdaptiveChoice:
+    """What the default recipe picks for a text of ``train_chars`` and a budget."""
+
+    units: int
+    dropout: float
+    bptt: int
+    chars_read: float
+    passes: float
+
+    def settings(self) -> tuple[dict, dict]:
+        return (dict(units=self.units, dropout=self.dropout, weight_drop=self.dropout), dict(bptt=self.bptt))
+
+    def describe(self, explicit: dict) -> str:
+        chosen = {**self.settings()[0], **self.settings()[1]}
+        shown = ", ".join(f"{k.replace('_', ' ')} {explicit.get(k, v)}" + (" (yours)" if k in explicit else "")
+                          for k, v in chosen.items())
+        return (f"Recipe: default, adapted to {self.chars_read / max(self.passes, 1e-9):,.0f} training characters "
+                f"read ~{self.passes:,.1f} times: {shown}")
+
+
+def adaptive_default(train_chars: int, time_budget: float | None, epochs: int) -> AdaptiveChoice:
+    """The widest network the run reads enough characters for, regularised by how often it
+    reads each one."""
+    for units, least, slowdown in WIDTHS:
+        chars_read = time_budget * DEFAULT_RATE / slowdown if time_budget else epochs * train_chars
+        if chars_read >= least:
+            break
+    passes = chars_read / max(train_chars, 1)
+    for least_passes, drop, bptt in REGULARISATION:
+        if passes >= least_passes:
+            break
+    return AdaptiveChoice(units, drop, bptt, chars_read, passes)
+
+
+def preset_configs(preset: str, vocab_size: int, train_chars: int | None = None,
+                   log: Callable[[str], None] | None = None, **overrides) -> tuple[ModelConfig, TrainConfig]:
+    """The preset's configs with ``overrides`` (any field of either config; None = keep). With
+    ``train_chars``, the default preset adapts to the text's size and the time budget first."""
     if preset not in PRESETS:
         raise CharLSTMError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     model_kw, train_kw = (dict(d) for d in PRESETS[preset])
     model_over, train_over = split_overrides(overrides)
+    if preset == "default" and train_chars is not None:
+        choice = adaptive_default(train_chars, train_over.get("time_budget"), train_over.get("epochs", train_kw["epochs"]))
+        model_kw.update(choice.settings()[0])
+        train_kw.update(choice.settings()[1])
+        if log:
+            log(choice.describe({**model_over, **train_over}))
     model_kw.update(model_over)
     train_kw.update(train_over)
     train = _finish_train_config(train_kw, train_over)
@@ -217,6 +282,7 @@ class EpochRecord:
     elapsed: float
     lr: float
     step: int = 0
+    batch: int = 0  # 0: the end of the epoch; else an --eval-every evaluation after this batch
 
     @property
     def val_bpc(self) -> float | None:
@@ -307,22 +373,34 @@ class Trainer:
         log: Callable[[str], None] = print,
         progress: bool = True,
         init: dict | None = None,
+        val_ids: np.ndarray | None = None,
+        data: PreparedData | None = None,
+        dist: Distributed = Distributed(),
     ) -> None:
+        """``ids`` is split by ``val_fraction`` unless ``val_ids`` are given (prepared data,
+        memory-mapped and never read whole); ``dist`` makes this one rank of a DDP run."""
         config.validate()
         self.init = init  # where the weights started: the --init record, kept in every checkpoint
         self.config = config
         self.vocab = vocab
-        self.log = log
-        self.progress = progress
-        self.normalization = corpus.normalization if corpus else None
+        self.dist = dist
+        self.log = log if dist.is_main else _silent
+        self.progress = progress and dist.is_main
+        self.normalization = corpus.normalization if corpus else (data.normalization if data else None)
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.device = pick_device(config.device)
+        self.device = pick_device(dist.device_name(config.device))
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         torch.manual_seed(config.seed)
         self.model = model.to(self.device)
-        self.train_ids, self.val_ids = split_train_val(ids, config.val_fraction)
+        if val_ids is None:
+            self.train_ids, self.val_ids = split_train_val(ids, config.val_fraction)
+        else:
+            self.train_ids, self.val_ids = ids, val_ids
+        if config.val_chars:
+            self.val_ids = fixed_sample(self.val_ids, config.val_chars)
         self.batches = self._make_batches()
+        self.ddp = self._wrap_distributed()
         self.optimizer = self._make_optimizer()
         self.position = Position()
         self.carry = None
@@ -331,12 +409,15 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.metrics = MetricsLog(self.output_dir)
         self.data_info = {
-            "sources": list(corpus.sources) if corpus else [],
-            "characters": int(len(ids)),
+            "sources": list(corpus.sources) if corpus else (data.sources if data else []),
+            "characters": int(len(self.train_ids) + len(self.val_ids)),
             "train_characters": int(len(self.train_ids)),
             "val_characters": int(len(self.val_ids)),
-            "fingerprint": ids_fingerprint(ids),
+            # a prepared folder is named by its manifest (sources' SHA-256): no pass over the ids
+            "fingerprint": data.fingerprint if data else ids_fingerprint(ids),
         }
+        if data:
+            self.data_info["prepared"] = str(data.directory)
         seeds = random_windows(self.train_ids, model.config.window, SEED_WINDOWS, config.seed)
         self.seed_windows = [vocab.decode(row) for row in seeds]
         self._stop_requested = False
@@ -359,9 +440,25 @@ class Trainer:
         if m.target != "all":
             raise CharLSTMError(f"--batching {c.batching} needs a model that predicts every position: "
                                 f"use --target all")
+        if self.dist.active and c.batching != "streams":
+            raise CharLSTMError("distributed training shards contiguous streams: use --batching streams")
         if c.batching == "sentences":
             return self._sentence_batches()
-        return StreamBatches(self.train_ids, c.batch_size, c.bptt, random_offset=c.random_offset, seed=c.seed)
+        return StreamBatches(self.train_ids, c.batch_size, c.bptt, random_offset=c.random_offset, seed=c.seed,
+                             shard=(self.dist.rank, self.dist.world_size))
+
+    def _wrap_distributed(self) -> torch.nn.Module:
+        """DDP averages the gradients of the ranks' equal shares of the batch, which is the
+        gradient of the whole batch; dropout masks differ by rank (rank 0 keeps the seed's)."""
+        if not self.dist.active:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        if self.dist.rank:
+            torch.manual_seed(self.config.seed + 7919 * self.dist.rank)
+        return wrapped
 
     def _sentence_batches(self) -> SentenceBatches:
         from .sentences import sentence_spans
@@ -386,13 +483,15 @@ class Trainer:
 
     def summary_lines(self) -> list[str]:
         n_patterns = getattr(self.batches, "num_patterns", None) or self.batches.num_targets
+        ranks = (f"  processes: {self.dist.world_size} (DDP, {'nccl' if self.device.type == 'cuda' else 'gloo'})"
+                 if self.dist.active else "")
         return [
             f"Total Characters: {len(self.train_ids) + len(self.val_ids)}",
             f"Total Vocab: {len(self.vocab)}",
             f"Total Patterns: {n_patterns}",
             f"Validation Characters: {len(self.val_ids)}",
             f"Parameters: {self.model.num_parameters():,}  device: {self.device}  "
-            f"precision: {'bf16' if self.amp_dtype else 'fp32'}  threads: {torch.get_num_threads()}",
+            f"precision: {'bf16' if self.amp_dtype else 'fp32'}  threads: {torch.get_num_threads()}{ranks}",
         ]
 
     # ---------------------------------------------------------------- resume
@@ -407,10 +506,10 @@ class Trainer:
         unpack_optimizer(self.optimizer, trained.extra, record.get("optimizer", {}))
         if self.config.optimizer == "adamw":  # a changed --weight-decay wins over the saved one
             self.optimizer.param_groups[0]["weight_decay"] = self.config.weight_decay
-        restore_rng(trained.extra, record.get("rng", {}))
         self.position = Position.from_dict(record.get("position", {}))
         m = self.model.config
         self.carry = unpack_carry(trained.extra, m.layers, self.config.batch_size, m.units, self.device)
+        self._restore_rank_state(trained, record)
         self.history = [EpochRecord.from_dict(r) for r in trained.training.get("history", [])]
         self.init = trained.training.get("init", self.init)
         self.baselines = [Baseline(b["name"], b["bits_per_char"]) for b in trained.training.get("baselines", [])]
@@ -477,18 +576,20 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train under the output folder's lock (one training per folder; a killed run's lock
         dies with it), after removing the temporary files a killed run left there."""
+        if not self.dist.is_main:  # rank 0 alone writes, so it alone holds the folder
+            return self._fit_locked()
         check_output_dir(self.output_dir)
         with RunLock(self.output_dir, self.run_id).acquire(force=self.config.ignore_lock):
             for stale in remove_stale_temporaries(self.output_dir):
                 self.log(f"removed {stale.name}, left by a run that was killed while writing")
-            if self._resumed:  # rows a killed session logged for the epochs about to be redone
-                self.metrics.forget(self.run_id, from_epoch=self.position.epoch)
+            if self._resumed:  # rows a killed session logged after its last save are about to be redone
+                self.metrics.forget(self.run_id, after_step=self.position.step)
             return self._fit_locked()
 
     def _fit_locked(self) -> TrainResult:
         for line in self.summary_lines():
             self.log(line)
-        if len(self.val_ids) and not self.baselines:
+        if len(self.val_ids) and not self.baselines and self.dist.is_main:
             # compressors only look back so far; a bounded context keeps this quick on big corpora
             context = self.train_ids[-BASELINE_CONTEXT:]
             self.baselines = compressor_baselines(self.vocab.decode(context),
@@ -510,6 +611,7 @@ class Trainer:
         result.stop_signal = self.stop_signal
         result.best_path = Path(self.position.best_path) if self.position.best_path else None
         result.trained = self._trained_model()
+        self.dist.barrier()  # rank 0 has written the best checkpoint
         if result.best_path and result.best_path.is_file():
             result.trained = checkpoint.load(result.best_path, device=self.device)
         self._log_summary()
@@ -518,10 +620,11 @@ class Trainer:
     def _loop(self, result: TrainResult) -> None:
         while self.position.epoch <= self.config.epochs:
             outcome = self._train_epoch()
-            if outcome == "stopped":
-                result.interrupted = True
+            if outcome in ("stopped", "step limit"):
+                result.interrupted = outcome == "stopped"
                 result.resume_path = self._save_resume()
-                self.log(f"\nstopped at epoch {self.position.epoch}, batch {self.position.batch}; "
+                reason = "stopped" if result.interrupted else f"--max-steps {self.config.max_steps} reached"
+                self.log(f"\n{reason} at epoch {self.position.epoch}, batch {self.position.batch}; "
                          f"resume with --resume {result.resume_path}")
                 return
             record = self._finish_epoch()
@@ -546,6 +649,12 @@ class Trainer:
             for x, y in self.batches.epoch(pos.epoch, start_batch=pos.batch):
                 t0 = time.perf_counter()
                 lr = self.lr_at(pos.step, self.elapsed())
+                if self.dist.active:  # every rank stops at the same step, with rank 0's schedule
+                    stop, (lr, late) = self.dist.agree(self._stop_requested, [lr, float(self._out_of_time())],
+                                                       self.device)
+                    if stop or late:
+                        outcome = "stopped" if stop else "out of time"
+                        break
                 loss, state = self._train_step(x, y, state if carried else None, lr)
                 targets = int((y != IGNORE_INDEX).sum()) if self.config.batching == "sentences" else y.numel()
                 pos.loss_sum += loss * targets
@@ -555,7 +664,14 @@ class Trainer:
                 self.carry = state if carried else None
                 bar.update(1)
                 bar.set_postfix(loss=f"{pos.loss_sum / pos.targets:.4f}",
-                                chars_s=f"{pos.targets / max(pos.epoch_seconds, 1e-9):,.0f}", lr=f"{lr:.2e}")
+                                chars_s=f"{pos.targets * self.dist.world_size / max(pos.epoch_seconds, 1e-9):,.0f}",
+                                lr=f"{lr:.2e}")
+                self._every_steps(pos.batch < len(self.batches))
+                if self.config.max_steps and pos.step >= self.config.max_steps:
+                    outcome = "step limit"
+                    break
+                if self.dist.active:
+                    continue
                 if self._stop_requested:
                     outcome = "stopped"
                     break
@@ -572,7 +688,7 @@ class Trainer:
         last_only = self.model.config.target == "last"
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            logits, state = self.model(x, state, last_only=last_only)
+            logits, state = self.ddp(x, state, last_only=last_only)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         if not torch.isfinite(loss):
@@ -585,6 +701,16 @@ class Trainer:
         self.position.step += 1
         return loss.item(), detach_state(state)
 
+    def _every_steps(self, mid_epoch: bool) -> None:
+        """--eval-every / --save-every: an epoch over a big corpus is long."""
+        c, step = self.config, self.position.step
+        if c.eval_every and step % c.eval_every == 0 and mid_epoch:
+            self.model.eval()
+            self._record_evaluation(batch=self.position.batch)
+            self.model.train()
+        if c.save_every and step % c.save_every == 0 and mid_epoch:
+            self._save_resume()
+
     def _diverged(self, what: str) -> None:
         """A NaN or infinite loss: stop, and never save the broken weights as anything."""
         pos = self.position
@@ -595,15 +721,29 @@ class Trainer:
     def _finish_epoch(self) -> EpochRecord:
         """Evaluate, log, keep the checkpoint if it improved, print samples; then move on."""
         pos = self.position
+        record = self._record_evaluation()
+        if self.config.sample_every and record.epoch % self.config.sample_every == 0 and self.dist.is_main:
+            self._print_samples(record.epoch)
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+        pos.loss_sum, pos.targets, pos.epoch_seconds = 0.0, 0, 0.0
+        self.carry = None
+        return record
+
+    def _record_evaluation(self, batch: int = 0) -> EpochRecord:
+        """Validation loss and the epoch's training loss so far (summed over ranks): a metrics
+        row, a log line, and the checkpoint when the monitored loss improved."""
+        pos = self.position
         val_loss = self.evaluate() if len(self.val_ids) else None
         if val_loss is not None and not math.isfinite(val_loss):
             self._diverged(f"the validation loss became {val_loss}")
         pos.elapsed = self.elapsed()
-        record = EpochRecord(pos.epoch, pos.loss_sum / max(pos.targets, 1), val_loss,
-                             pos.targets / max(pos.epoch_seconds, 1e-9), pos.elapsed,
-                             self.lr_at(pos.step, pos.elapsed), pos.step)
+        loss_sum, targets = self.dist.sum([pos.loss_sum, pos.targets], self.device)
+        record = EpochRecord(pos.epoch, loss_sum / max(targets, 1), val_loss,
+                             targets / max(pos.epoch_seconds, 1e-9), pos.elapsed,
+                             self.lr_at(pos.step, pos.elapsed), pos.step, batch)
         self.history.append(record)
-        self.metrics.append({"run_id": self.run_id, **record.to_row()})
+        if self.dist.is_main:
+            self.metrics.append({"run_id": self.run_id, **record.to_row()})
         self.log(self._epoch_line(record))
         monitored = record.val_loss if self.config.monitor == "val_loss" else record.loss
         if pos.best is None or monitored < pos.best:
@@ -614,23 +754,26 @@ class Trainer:
                      f"saving {pos.best_path}")
         else:
             pos.epochs_since_best += 1
-        if self.config.sample_every and record.epoch % self.config.sample_every == 0:
-            self._print_samples(record.epoch)
-        pos.epoch, pos.batch = pos.epoch + 1, 0
-        pos.loss_sum, pos.targets, pos.epoch_seconds = 0.0, 0, 0.0
-        self.carry = None
         return record
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean nats/char over every validation character, conditioned on the text before it."""
+        """Mean nats/char over every validation character, conditioned on the text before it;
+        under DDP each rank scores its own contiguous piece and the sums are added."""
         start = time.perf_counter()
-        loss = self._evaluate_ids(self.val_ids)
+        piece, offset = self.dist.shard(self.val_ids)
+        if offset == 0:  # the validation text follows the training text
+            mean = self._evaluate_ids(piece)
+        else:
+            window = self.model.config.window
+            mean = self._evaluate_ids(piece, self.val_ids[max(0, offset - window):offset])
+        total, count = self.dist.sum([mean * len(piece), len(piece)], self.device)
         self._eval_seconds = time.perf_counter() - start
-        return loss
+        return total / max(count, 1)
 
-    def _evaluate_ids(self, ids: np.ndarray) -> float:
-        context = self.train_ids[-self.model.config.window:]
+    def _evaluate_ids(self, ids: np.ndarray, context: np.ndarray | None = None) -> float:
+        if context is None:
+            context = self.train_ids[-self.model.config.window:]
         return evaluate_ids(self.model, ids, context=context, amp_dtype=self.amp_dtype)
 
     # ---------------------------------------------------------------- output
@@ -639,7 +782,8 @@ class Trainer:
         if r.val_loss is not None:
             versus = versus_best(r.val_bpc, self.baselines)
             val = f"  val_loss {r.val_loss:.4f} ({r.val_bpc:.3f} bpc{'; ' + versus if versus else ''})"
-        return (f"Epoch {r.epoch:02d}  loss {r.loss:.4f}{val}  {r.chars_per_s:,.0f} chars/s  "
+        where = f" step {r.step}" if r.batch else ""
+        return (f"Epoch {r.epoch:02d}{where}  loss {r.loss:.4f}{val}  {r.chars_per_s:,.0f} chars/s  "
                 f"lr {r.lr:.2e}  {r.elapsed:.0f} s")
 
     def _log_summary(self) -> None:
@@ -672,7 +816,7 @@ class Trainer:
         return {
             "config": asdict(self.config),
             "history": [asdict(r) for r in self.history],
-            "epoch": len(self.history),
+            "epoch": sum(1 for r in self.history if not r.batch),
             "data": self.data_info,
             "baselines": [asdict(b) for b in self.baselines],
             "best": best,
@@ -696,6 +840,8 @@ class Trainer:
         loss = record.val_loss if self.config.monitor == "val_loss" else record.loss
         name = checkpoint.checkpoint_name(self.config.checkpoint_template, record.epoch, loss,
                                           val_loss=record.val_loss or 0.0)
+        if not self.dist.is_main:  # one writer; the other ranks only track the name
+            return self.output_dir / name
         trained = self._trained_model()
         path = checkpoint.save(self.output_dir / name, trained)
         checkpoint.save(self.output_dir / BEST_NAME, trained)
@@ -718,13 +864,47 @@ class Trainer:
         self.position.improvements = kept
 
     def _save_resume(self) -> Path:
-        """``last.safetensors``: weights plus everything an exact resume needs."""
-        optim_tensors, optim_meta = pack_optimizer(self.optimizer)
+        """``last.safetensors``: weights plus everything an exact resume needs. Under DDP every
+        rank's part (its streams' carried state, random generators, loss sums) is gathered, the
+        carried state into one global batch laid out as a single process would have it."""
+        path = self.output_dir / RESUME_NAME
         rng_tensors, rng_meta = pack_rng()
-        extra = {**optim_tensors, **rng_tensors, **pack_carry(self.carry)}
+        mine = (pack_carry(self.carry), rng_tensors, rng_meta, [self.position.loss_sum, self.position.targets])
+        parts = self.dist.gather(mine)
+        if not self.dist.is_main:
+            return path
+        optim_tensors, optim_meta = pack_optimizer(self.optimizer)
+        carries = [p[0] for p in parts]
+        carry = {k: torch.cat([c[k] for c in carries], dim=1) for k in carries[0]} if carries[0] else {}
+        extra = {**optim_tensors, **rng_tensors, **carry}
+        ranks = []
+        for rank, (_, tensors, meta, sums) in enumerate(parts[1:], start=1):
+            extra.update({f"{RANK_PREFIX}{rank}.{k}": v for k, v in tensors.items()})
+            ranks.append({"rng": meta, "loss_sum": sums[0], "targets": sums[1]})
         resume = {"position": self.position.to_dict(), "optimizer": optim_meta, "rng": rng_meta,
-                  "fingerprint": self.data_info["fingerprint"], "run_id": self.run_id}
-        return checkpoint.save(self.output_dir / RESUME_NAME, self._trained_model(extra, resume))
+                  "fingerprint": self.data_info["fingerprint"], "world_size": self.dist.world_size,
+                  "run_id": self.run_id,
+                  "ranks": ranks}
+        return checkpoint.save(path, self._trained_model(extra, resume))
+
+    def _restore_rank_state(self, trained: TrainedModel, record: dict) -> None:
+        """This rank's random generators, streams' carried state and loss sums; exact when the
+        world size is the one the checkpoint was written with."""
+        saved_world = int(record.get("world_size", 1))
+        if self.carry is not None and self.dist.active:
+            rows = self.dist.rows(self.config.batch_size)
+            self.carry = [(h[:, rows].contiguous(), c[:, rows].contiguous()) for h, c in self.carry]
+        if saved_world != self.dist.world_size:
+            self.log(f"warning: the checkpoint was written by {saved_world} processes, this run has "
+                     f"{self.dist.world_size}: it continues, but random draws differ from an unbroken run")
+        if self.dist.rank == 0 or saved_world != self.dist.world_size:
+            restore_rng(trained.extra, record.get("rng", {}))
+            return
+        rank_record = record.get("ranks", [])[self.dist.rank - 1]
+        prefix = f"{RANK_PREFIX}{self.dist.rank}."
+        restore_rng({k[len(prefix):]: v for k, v in trained.extra.items() if k.startswith(prefix)},
+                    rank_record.get("rng", {}))
+        self.position.loss_sum, self.position.targets = rank_record["loss_sum"], int(rank_record["targets"])
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -836,8 +1016,9 @@ def train(
     return fit(corpus, preset, log=log, progress=progress, **overrides).trained
 
 
-def fit(corpus: Corpus, preset: str = "default", log: Callable[[str], None] = print,
+def fit(corpus: Corpus | None = None, preset: str = "default", log: Callable[[str], None] = print,
         progress: bool = True, resume: str | Path | None = None, init: str | Path | None = None,
+        data: PreparedData | str | Path | None = None, dist: Distributed = Distributed(),
         **overrides) -> TrainResult:
     """Like ``train`` but returns the whole ``TrainResult`` (history, best path, interruption).
 
@@ -848,22 +1029,46 @@ def fit(corpus: Corpus, preset: str = "default", log: Callable[[str], None] = pr
     ``init``: start from a pretrained model (``"english"``, the shipped base, or a checkpoint
     path) remapped onto this corpus's characters, with the preset's regularisation and the
     fine-tuning schedule (``FINE_TUNING``); explicit options win.
+
+    ``data``: a folder written by ``charlstm prepare`` (or its ``PreparedData``) instead of a
+    corpus: its memory-mapped ids and validation part are used as they are. ``dist``: this
+    process's place in a ``torchrun`` group (``Distributed.from_env()``).
     """
     if resume is not None and init is not None:
         raise CharLSTMError("--init starts a new run and --resume continues one: pass only one of them")
+    if (corpus is None) == (data is None):
+        raise CharLSTMError("train on either a text or prepared data (--data DIR), not both or neither")
+    if data is not None and not isinstance(data, PreparedData):
+        data = PreparedData.open(data)
     if init is not None:
+        if data is not None:
+            raise CharLSTMError("--init remaps a model onto a text's characters; it does not take --data")
         return _fit_from_init(corpus, init, preset, log, progress, overrides)
     if resume is not None:
-        return _fit_resumed(corpus, Path(resume), preset, log, progress, overrides)
-    vocab = Vocab.from_text(corpus.text)
-    model_config, train_config = preset_configs(preset, len(vocab), **overrides)
-    ids = vocab.encode(corpus.text)
-    _check_length(ids, model_config, train_config)
+        return _fit_resumed(corpus, Path(resume), preset, log, progress, overrides, data=data, dist=dist)
+    if data is not None:
+        overrides.setdefault("val_fraction", None)
+        if overrides["val_fraction"] is None:  # the prepared split decides; this only keeps checks consistent
+            overrides["val_fraction"] = data.manifest.get("val_fraction", 0.0)
+    vocab = data.vocab if data is not None else Vocab.from_text(corpus.text)
+    model_config, train_config = preset_configs(preset, len(vocab), train_chars=_training_chars(corpus, data, overrides),
+                                                log=log, **overrides)
+    ids, val_ids = (data.train_ids, data.val_ids) if data is not None else (vocab.encode(corpus.text), None)
+    _check_length(ids, model_config, train_config, prepared=data is not None)
     _check_memory(model_config, train_config)
     torch.manual_seed(train_config.seed)
     model = CharLSTM(model_config)
-    trainer = Trainer(model, vocab, ids, train_config, corpus=corpus, log=log, progress=progress)
+    trainer = Trainer(model, vocab, ids, train_config, corpus=corpus, log=log, progress=progress,
+                      val_ids=val_ids, data=data, dist=dist)
     return trainer.fit()
+
+
+def _training_chars(corpus: Corpus | None, data: PreparedData | None, overrides: dict) -> int:
+    """How many characters the run trains on (the adaptive recipe's measure of the text)."""
+    if data is not None:
+        return len(data.train_ids)
+    val_fraction = overrides.get("val_fraction")
+    return int(len(corpus.text) * (1 - (TrainConfig.val_fraction if val_fraction is None else val_fraction)))
 
 
 def _fit_from_init(corpus: Corpus, init: str | Path, preset: str, log, progress: bool,
@@ -886,7 +1091,8 @@ def _fit_from_init(corpus: Corpus, init: str | Path, preset: str, log, progress:
     return trainer.fit()
 
 
-def _fit_resumed(corpus: Corpus, path: Path, preset: str, log, progress: bool, overrides: dict) -> TrainResult:
+def _fit_resumed(corpus: Corpus | None, path: Path, preset: str, log, progress: bool, overrides: dict,
+                 data: PreparedData | None = None, dist: Distributed = Distributed()) -> TrainResult:
     trained = checkpoint.load(path)
     model_over, train_over = split_overrides(overrides)
     model = _with_regularisation(trained.model, model_over)
@@ -896,11 +1102,19 @@ def _fit_resumed(corpus: Corpus, path: Path, preset: str, log, progress: bool, o
     else:
         train_kw = {**PRESETS[_fine_tuning_preset(preset, model.config)][1], **train_over}
     train_config = _finish_train_config(train_kw, train_over)
-    if corpus.normalization != trained.normalization:
+    source = data if data is not None else corpus
+    if source.normalization != trained.normalization:
         log("warning: the text is normalised differently from the checkpoint's training text")
-    ids = trained.vocab.encode(corpus.text)
-    _check_length(ids, model.config, train_config)
-    trainer = Trainer(model, trained.vocab, ids, train_config, corpus=corpus, log=log, progress=progress)
+    if data is not None:
+        if data.vocab != trained.vocab:
+            raise CharLSTMError(f"{path}: its vocabulary ({len(trained.vocab)} symbols) is not the one of "
+                                f"{data.directory} ({len(data.vocab)}); resume on the data it was trained on")
+        ids, val_ids = data.train_ids, data.val_ids
+    else:
+        ids, val_ids = trained.vocab.encode(corpus.text), None
+    _check_length(ids, model.config, train_config, prepared=data is not None)
+    trainer = Trainer(model, trained.vocab, ids, train_config, corpus=corpus, log=log, progress=progress,
+                      val_ids=val_ids, data=data, dist=dist)
     trainer.restore(trained, source=path)
     return trainer.fit()
 
@@ -936,11 +1150,12 @@ def _check_memory(model_config: ModelConfig, train_config: TrainConfig) -> None:
                  f"training {model_config.layers} x {model_config.units} units")
 
 
-def _check_length(ids: np.ndarray, model_config: ModelConfig, train_config: TrainConfig) -> None:
+def _check_length(ids: np.ndarray, model_config: ModelConfig, train_config: TrainConfig,
+                  prepared: bool = False) -> None:
     spare = train_config.bptt - 1 if train_config.random_offset else 0
     min_len = (model_config.window + 2 if train_config.batching == "windows"
                else train_config.batch_size * 2 + 2 + spare)
-    if len(ids) * (1 - train_config.val_fraction) < min_len:
+    if len(ids) * (1 if prepared else 1 - train_config.val_fraction) < min_len:
         raise CharLSTMError(f"the text has {len(ids)} characters: too short for a window of "
                             f"{model_config.window} and batch size {train_config.batch_size}")
 

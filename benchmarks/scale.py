@@ -1,0 +1,284 @@
+"""Scale: prepare throughput and memory, training memory on 1 GB, DDP throughput, large vocabularies.
+
+    flock /tmp/charlstm-bench.lock env PYTHONPATH=src python benchmarks/scale.py [--quick] [--skip-1gb]
+
+Prints, with the machine and its load average:
+
+1. ``charlstm prepare`` on the shared Gutenberg folder (126 MB, 420 books) and on a 1 GB corpus
+   (the folder 8 times, through symbolic links in a temporary folder that is removed
+   afterwards): MB/s of input and the peak resident memory of the process. The books are read
+   from the page cache after the first pass: this measures preparation, not the disk.
+2. ``charlstm train --data`` on the 1 GB prepared corpus (default 2 x 256 model, one thread):
+   resident memory sampled every half second, peak and over time.
+3. Training throughput of the default model on the prepared Gutenberg data: 1 process x 1
+   thread, 1 process x 2 threads, 2 processes x 1 thread under torchrun (DDP, gloo), the
+   same global batch of 64 streams; and the time of one gloo all-reduce of the model's
+   gradients (what DDP adds to each step) between 2 processes.
+4. Training and generation characters/s with a 5,000-symbol vocabulary against the 45-symbol
+   Alice one (randomly initialised models: speed does not depend on the weights), and the
+   share of the output head in the multiply-adds.
+
+Every measurement runs in a child process, one after another, so that they never share the
+cores with each other; other users of the machine still may (see the load average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from machine_probe import cpu_name  # benchmarks/ is on the path when this script runs
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CHARLSTM_SHARED", REPO.parent / "shared"))
+GUTENBERG = SHARED / "corpora" / "gutenberg"
+ALICE = SHARED / "corpora" / "pg11.txt"
+COPIES_FOR_1GB = 8
+
+
+def env(threads: int) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(threads)}
+
+
+def run_measured(cmd: list[str], threads: int = 1, sample: bool = False) -> dict:
+    """Run ``cmd``: its output, wall time and, with ``sample``, its RSS every half second."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(threads), cwd=REPO,
+                            text=True)
+    samples = []
+    if sample:
+        while proc.poll() is None:
+            samples.append((time.perf_counter() - start, _rss_mb(proc.pid)))
+            time.sleep(0.5)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-2000:]}\n{err[-2000:]}")
+    return {"wall": wall, "samples": [s for s in samples if s[1]], "stdout": out, "stderr": err}
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def charlstm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "charlstm", *args]
+
+
+# ----------------------------------------------------------------------- 1. prepare
+
+
+def bench_prepare(inputs: list[str], out: Path) -> dict:
+    # a wrapper interpreter per run reports its one child's peak RSS (ru_maxrss) and wall time
+    code = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+            "r = subprocess.run(sys.argv[1:]); w = time.perf_counter() - t; "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, w); sys.exit(r.returncode)")
+    cmd = [sys.executable, "-c", code, *charlstm("prepare", *inputs, "-o", str(out), "--no-progress")]
+    result = run_measured(cmd)
+    lines = result["stdout"].strip().splitlines()
+    peak_kb, wall = lines[-1].split()
+    size = sum(s["bytes"] for s in json.loads((out / "manifest.json").read_text())["sources"])
+    summary = next((line for line in lines if line.startswith("sources:")), "")
+    return {"mb": size / 1e6, "seconds": float(wall), "peak_mb": int(peak_kb) / 1024, "summary": summary}
+
+
+# ----------------------------------------------------------------------- 2. training memory
+
+
+def bench_train_memory(data: Path, out: Path, seconds: int) -> dict:
+    cmd = charlstm("train", "--data", str(data), "--threads", "1", "--val-chars", "20000", "--eval-every", "50",
+                   "--save-every", "50", "--time-budget", str(seconds), "--no-progress", "-o", str(out))
+    result = run_measured(cmd, threads=1, sample=True)
+    samples = result["samples"]
+    rows = json.loads("[" + ",".join((out / "metrics.jsonl").read_text().splitlines()) + "]")
+    return {"samples": samples, "peak_mb": max(mb for _, mb in samples), "steps": rows[-1]["step"] if rows else 0}
+
+
+# ----------------------------------------------------------------------- 3. DDP throughput
+
+
+def bench_throughput(data: Path, out: Path, steps: int) -> list[tuple[str, float]]:
+    args = ["--data", str(data), "--max-steps", str(steps), "--eval-every", str(steps), "--val-chars", "2000",
+            "--batch-size", "64", "--bptt", "50", "--no-progress"]
+    rows = []
+    for label, threads, procs in (("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 2, 1),
+                                  ("2 processes x 1 thread (DDP, gloo)", 1, 2)):
+        target = out / f"p{procs}t{threads}"
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+                    if procs > 1 else [sys.executable])
+        run_measured([*launcher, "-m", "charlstm", "train", *args, "--threads", str(threads), "-o", str(target)],
+                     threads=threads)
+        record = json.loads((target / "metrics.jsonl").read_text().splitlines()[-1])
+        rows.append((label, record["chars_per_s"]))
+    return rows
+
+
+ALLREDUCE_CODE = r"""
+import os, sys, time, torch, torch.distributed as dist
+from charlstm import CharLSTM, ModelConfig
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+n = CharLSTM(ModelConfig(vocab_size=int(sys.argv[1]), input="embedding", embedding_dim=64, layers=2, units=256,
+                         target="all")).num_parameters()
+grad = torch.randn(n)
+for _ in range(5):
+    dist.all_reduce(grad)
+dist.barrier()
+t = time.perf_counter()
+for _ in range(50):
+    dist.all_reduce(grad)
+ms = (time.perf_counter() - t) / 50 * 1000
+if dist.get_rank() == 0:
+    print(n, ms)
+dist.destroy_process_group()
+"""
+
+
+def bench_allreduce(vocab_size: int) -> tuple[int, float]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--no-python", sys.executable, "-c", ALLREDUCE_CODE, str(vocab_size)]
+    result = run_measured(cmd)
+    n, ms = result["stdout"].strip().splitlines()[-1].split()
+    return int(n), float(ms)
+
+
+# ----------------------------------------------------------------------- 4. large vocabulary
+
+
+VOCAB_CODE = r"""
+import sys, time, json, torch, torch.nn.functional as F
+from charlstm import CharLSTM, ModelConfig, Generator, TrainedModel, Vocab, SamplingConfig
+from charlstm.corpus import Corpus
+torch.set_num_threads(1)
+size, steps, chars = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+if size == 0:  # Alice's own vocabulary
+    vocab = Vocab.from_text(Corpus.from_files(sys.argv[4]).text)
+else:  # CJK ideographs and a newline: a Chinese novel's alphabet
+    vocab = Vocab(tuple(sorted([chr(c) for c in range(0x4E00, 0x4E00 + size - 1)] + ["\n"])))
+V = len(vocab)
+torch.manual_seed(0)
+model = CharLSTM(ModelConfig(vocab_size=V, input="embedding", embedding_dim=64, layers=2, units=256, target="all",
+                             dropout=0.0))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x, y = torch.randint(0, V, (64, 50)), torch.randint(0, V, (64, 50))
+def step():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, V), y.reshape(-1))
+    opt.zero_grad(); loss.backward(); opt.step()
+step()
+t = time.perf_counter()
+for _ in range(steps):
+    step()
+train = steps * 64 * 50 / (time.perf_counter() - t)
+gen = Generator(TrainedModel(model.eval(), vocab))
+prime = "".join(vocab.chars[:20])
+out = {"vocab": V, "train": train}
+for temperature in (0.0, 1.0):
+    gen.generate(prime, 20, sampling=SamplingConfig(temperature), seed=1)
+    t = time.perf_counter()
+    text = gen.generate(prime, chars, sampling=SamplingConfig(temperature), seed=1)
+    out[f"gen{temperature:g}"] = len(text) / (time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
+def bench_vocab(size: int, steps: int, chars: int) -> dict:
+    result = run_measured([sys.executable, "-c", VOCAB_CODE, str(size), str(steps), str(chars), str(ALICE)])
+    return json.loads(result["stdout"].strip().splitlines()[-1])
+
+
+def head_share(vocab: int, units: int = 256, embedding: int = 64, layers: int = 2) -> float:
+    """The output layer's share of the multiply-adds per character (forward; backward alike)."""
+    lstm = 4 * units * (embedding + units) + (layers - 1) * 4 * units * (2 * units)
+    head = units * vocab
+    return head / (lstm + head)
+
+
+# ----------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter measurements")
+    parser.add_argument("--skip-1gb", action="store_true", help="no 1 GB corpus (sections 1b and 2)")
+    parser.add_argument("--train-seconds", type=int, default=120, help="training-memory run length")
+    args = parser.parse_args()
+    if not GUTENBERG.is_dir():
+        raise SystemExit(f"{GUTENBERG}: missing (set CHARLSTM_SHARED)")
+    print(f"# scale benchmark, {cpu_name()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    with tempfile.TemporaryDirectory(prefix="charlstm-scale-") as tmp:
+        tmp = Path(tmp)
+        print("\n## 1. charlstm prepare\n")
+        print("| corpus | input MB | seconds | MB/s | peak RSS MB |")
+        print("|---|---:|---:|---:|---:|")
+        small = bench_prepare([str(GUTENBERG)], tmp / "gutenberg")
+        print(f"| Gutenberg folder (420 books) | {small['mb']:,.0f} | {small['seconds']:.1f} | "
+              f"{small['mb'] / small['seconds']:,.1f} | {small['peak_mb']:,.0f} |", flush=True)
+        big_dir = tmp / "1gb"
+        if not args.skip_1gb:
+            links = tmp / "links"
+            links.mkdir()
+            for i in range(COPIES_FOR_1GB):
+                (links / f"copy{i + 1}").symlink_to(GUTENBERG, target_is_directory=True)
+            big = bench_prepare([str(links / f"copy{i + 1}") for i in range(COPIES_FOR_1GB)], big_dir)
+            print(f"| the folder x {COPIES_FOR_1GB} (symbolic links) | {big['mb']:,.0f} | {big['seconds']:.1f} | "
+                  f"{big['mb'] / big['seconds']:,.1f} | {big['peak_mb']:,.0f} |", flush=True)
+        print(f"\n{small['summary']}")
+        print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+
+        if not args.skip_1gb:
+            print(f"\n## 2. train --data on the 1 GB prepared corpus ({args.train_seconds} s, 2 x 256, 1 thread)\n")
+            mem = bench_train_memory(big_dir, tmp / "train-1gb", args.train_seconds)
+            samples = mem["samples"]
+            marks = [samples[int(f * (len(samples) - 1))] for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
+            print("| seconds | " + " | ".join(f"{t:.0f}" for t, _ in marks) + " | peak |")
+            print("|---|" + "---:|" * (len(marks) + 1))
+            print("| RSS MB | " + " | ".join(f"{mb:,.0f}" for _, mb in marks) + f" | {mem['peak_mb']:,.0f} |")
+            print(f"\n{mem['steps']} steps; load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+                  flush=True)
+            shutil.rmtree(big_dir)
+
+        steps = 30 if args.quick else 100
+        print(f"\n## 3. training throughput, default 2 x 256 model, global batch 64 x 50, {steps} steps\n")
+        rows = bench_throughput(tmp / "gutenberg", tmp / "throughput", steps)
+        base = rows[0][1]
+        print("| run | target chars/s | vs 1 x 1 |")
+        print("|---|---:|---:|")
+        for label, rate in rows:
+            print(f"| {label} | {rate:,.0f} | {rate / base:.2f}x |")
+        n, ms = bench_allreduce(158)
+        print(f"\ngloo all-reduce of the {n:,} gradients (fp32, {n * 4 / 1e6:.1f} MB) between 2 processes: "
+              f"{ms:.1f} ms per step")
+        print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+
+    print("\n## 4. large vocabulary (2 x 256, bf16 training step 64 x 50, 1 thread; generation 1 stream, native)\n")
+    train_steps, gen_chars = (3, 1000) if args.quick else (10, 4000)
+    alice = bench_vocab(0, train_steps, gen_chars)
+    big = bench_vocab(5000, train_steps, gen_chars)
+    print("| vocabulary | head share of multiply-adds | training chars/s | greedy chars/s | temperature 1 chars/s |")
+    print("|---|---:|---:|---:|---:|")
+    for r in (alice, big):
+        print(f"| {r['vocab']:,} symbols | {head_share(r['vocab']):.0%} | {r['train']:,.0f} | {r['gen0']:,.0f} | "
+              f"{r['gen1']:,.0f} |")
+    print(f"| ratio {alice['vocab']} / {big['vocab']:,} | | {alice['train'] / big['train']:.2f}x | "
+          f"{alice['gen0'] / big['gen0']:.2f}x | {alice['gen1'] / big['gen1']:.2f}x |")
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Data-parallel training under ``torchrun``: one process per device, DistributedDataParallel.
+
+``torchrun --nproc_per_node N -m charlstm train ...`` starts N copies of the command with
+``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set; ``Distributed.from_env`` joins them into one process
+group (gloo on CPU, NCCL on CUDA, one GPU per process). What the ranks must agree on goes
+through here: the global streams are cut into one contiguous block of rows per rank, every
+rank takes the same steps, the learning rate and the stop decisions come from rank 0,
+validation is sharded and summed, and the resume state of every rank is gathered into rank
+0's ``last.safetensors``. A single process gets ``Distributed()`` (world size 1), for which
+every method is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .errors import CharLSTMError
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str = "auto") -> "Distributed":
+        """Join the process group torchrun describes in the environment (none: one process)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if not dist.is_available():
+            raise CharLSTMError("this PyTorch build has no torch.distributed; run one process")
+        if use_cuda:
+            if local >= torch.cuda.device_count():
+                raise CharLSTMError(f"LOCAL_RANK {local}: this machine has {torch.cuda.device_count()} GPUs; "
+                                    "use --nproc_per_node at most that")
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        return cls(rank, world, local)
+
+    def device_name(self, requested: str) -> str:
+        """One device per process: rank r of a node uses cuda:LOCAL_RANK."""
+        if self.active and (requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())):
+            return f"cuda:{self.local_rank}"
+        return "cpu" if self.active and requested == "auto" else requested
+
+    def check_batch(self, batch_size: int) -> int:
+        """Each rank's share of the global batch of streams."""
+        if batch_size % self.world_size:
+            raise CharLSTMError(f"--batch-size {batch_size} must be a multiple of the {self.world_size} "
+                                "processes (each takes an equal share of the streams)")
+        return batch_size // self.world_size
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's contiguous block of the global batch's rows (streams)."""
+        share = batch_size // self.world_size
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum over ranks (float64, so that loss sums stay exact enough)."""
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def agree(self, stop: bool, main_only: list[float], device: torch.device) -> tuple[bool, list[float]]:
+        """One small all-reduce per step: stop if any rank asks to; ``main_only`` values (the
+        learning rate, rank 0's clock) are taken from rank 0 so every rank does the same."""
+        if not self.active:
+            return stop, main_only
+        mine = [float(stop)] + [v if self.is_main else 0.0 for v in main_only]
+        summed = self.sum(mine, device)
+        return summed[0] > 0, summed[1:]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj`` on rank 0 (None elsewhere); a collective every rank must call."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if not self.active:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def shard(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
+        """This rank's contiguous piece of ``ids`` and where it starts (for sharded scoring)."""
+        bounds = np.linspace(0, len(ids), self.world_size + 1).astype(np.int64)
+        return ids[bounds[self.rank]:bounds[self.rank + 1]], int(bounds[self.rank])
+
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
