@@ -90,7 +90,7 @@ def test_unreadable_inputs_are_one_line(tmp_path, capsys):
              "missing": (tmp_path / "gone.txt", "no such")}
     for label, (path, fragment) in cases.items():
         for argv in (["train", "--text", str(path)], ["info", str(path)], ["generate", str(path)],
-                     ["import-keras", str(path), "--text", str(path)]):
+                     ["import-keras", str(path), "--text", str(path), "-o", str(tmp_path / "k.safetensors")]):
             assert main(argv) == 2, (label, argv)
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and fragment in err, (label, argv, err)
