@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from charlstm import Corpus, Normalization, fit
-
-LN2 = 0.6931471805599453
+from charlstm.evaluate import LN2
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from charlstm.corpus import Corpus, Normalization, normalize, read_text_file  # 
 from charlstm.data import split_train_val  # noqa: E402
 from charlstm.dynamic_eval import DynamicConfig, dynamic_evaluate  # noqa: E402
 from charlstm.finetune import PRETRAINED  # noqa: E402
-from charlstm.train import evaluate_ids  # noqa: E402
+from charlstm.evaluate import evaluate_ids  # noqa: E402
 from train_quality import cpu_name  # noqa: E402
 
 LN2 = math.log(2.0)
@@ -72,10 +72,10 @@ def train_run(name: str, budget_min: float, text: Path, out: Path, extra: list[s
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
                        env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     best = checkpoint.load(run_dir / "best.safetensors")
-    history = best.training["history"]
-    return {"path": run_dir / "best.safetensors", "val_loss": best.training["best"]["val_loss"],
-            "epochs": len(history), "elapsed": history[-1]["elapsed"],
-            "chars_per_s": sum(h["chars_per_s"] for h in history) / len(history)}
+    history = best.training.history
+    return {"path": run_dir / "best.safetensors", "val_loss": best.training.best.val_loss,
+            "epochs": len(history), "elapsed": history[-1].elapsed,
+            "chars_per_s": sum(h.chars_per_s for h in history) / len(history)}
 
 
 def training_rows(kind: str, budgets: list[float], out: Path, threads: int) -> tuple[list[Row], Path | None]:

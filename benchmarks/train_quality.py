@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -39,11 +38,11 @@ import torch.nn.functional as F  # noqa: E402
 from charlstm.baselines import compressor_baselines  # noqa: E402
 from charlstm.corpus import Corpus  # noqa: E402
 from charlstm.data import split_train_val  # noqa: E402
+from charlstm.evaluate import LN2  # noqa: E402
 from charlstm.model import CharLSTM, ModelConfig  # noqa: E402
 from charlstm.vocab import Vocab  # noqa: E402
 from machine_probe import cpu_name, gemm_gflops, print_roofline, probe  # noqa: E402
 
-LN2 = math.log(2.0)
 TARGET_CE = 1.86
 TUTORIAL_EPOCHS_TO_TARGET = 19
 DEFAULT_TEXT = REPO.parent / "shared" / "corpora" / "pg11.txt"

@@ -38,11 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from charlstm import checkpoint
-from charlstm.checkpoint import TrainedModel
+from charlstm.checkpoint import TrainedModel, seed_windows
 from charlstm.corpus import Normalization, normalize, read_text_file
-from charlstm.data import StreamBatches, random_windows
+from charlstm.data import StreamBatches
+from charlstm.evaluate import LN2, evaluate_ids
 from charlstm.model import CharLSTM, ModelConfig, detach_state
-from charlstm.train import LN2, autocast_dtype, evaluate_ids
+from charlstm.records import TrainingRecord
+from charlstm.train import autocast_dtype
 from charlstm.vocab import Vocab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,8 +121,7 @@ class BaseRun:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                             {"params": rest, "weight_decay": 0.0}], lr=args.lr)
         self.batches = StreamBatches(train_ids, args.batch, args.bptt, random_offset=True, seed=args.seed)
-        seeds = random_windows(train_ids, 100, 200, args.seed)
-        self.seed_windows = [vocab.decode(row) for row in seeds]
+        self.seed_windows = seed_windows(vocab, train_ids, 100, args.seed)
         self.history: list[dict] = []
         self.best: float | None = None
         self.sources = sources
@@ -200,7 +201,8 @@ class BaseRun:
             "best": {"val_loss": self.best, "val_bpc": self.best / LN2},
             "time_seconds": row["elapsed"],
         }
-        return TrainedModel(model=self.model, vocab=self.vocab, normalization=NORMALIZATION, training=record,
+        return TrainedModel(model=self.model, vocab=self.vocab, normalization=NORMALIZATION,
+                            training=TrainingRecord.from_json(record),
                             seed_windows=self.seed_windows)
 
 

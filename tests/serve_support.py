@@ -14,6 +14,7 @@ import torch
 
 from charlstm.checkpoint import TrainedModel
 from charlstm.model import CharLSTM, ModelConfig
+from charlstm.records import BestEpoch, EpochRecord, TrainingRecord
 from charlstm.vocab import Vocab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +38,8 @@ def make_model(text: str, units: int = 48, seed: int = 0, train_steps: int = 0) 
             loss.backward()
             optimizer.step()
     model.eval()
-    history = [{"epoch": 1, "loss": 2.0, "val_loss": 1.5}]
-    return TrainedModel(model, vocab, training={"history": history})
+    history = [EpochRecord(epoch=1, loss=2.0, val_loss=1.5, chars_per_s=0.0, elapsed=0.0, lr=0.0)]
+    return TrainedModel(model, vocab, training=TrainingRecord(history=history, epoch=1, best=BestEpoch.of(history)))
 
 
 class LiveServer:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from charlstm.corpus import Corpus
-from charlstm.train import PRESETS, adaptive_default, fit, preset_configs
+from charlstm.recipes import PRESETS, adaptive_default, preset_configs
+from charlstm.train import fit
 
 
 def test_a_book_gets_the_recipe_measured_on_alice():

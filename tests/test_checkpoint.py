@@ -14,6 +14,7 @@ from charlstm.checkpoint import TrainedModel, checkpoint_name
 from charlstm.corpus import Normalization
 from charlstm.errors import CharLSTMError
 from charlstm.model import CharLSTM, ModelConfig
+from charlstm.records import TrainingRecord
 from charlstm.vocab import Vocab
 
 
@@ -21,7 +22,7 @@ def _trained(**model_kw) -> TrainedModel:
     vocab = Vocab.from_text("abcdefg \n")
     config = ModelConfig(vocab_size=len(vocab), units=16, embedding_dim=8, **model_kw)
     return TrainedModel(CharLSTM(config), vocab, Normalization(lowercase=False),
-                        training={"epoch": 3}, seed_windows=["abc"])
+                        training=TrainingRecord(epoch=3), seed_windows=["abc"])
 
 
 @pytest.mark.parametrize("kw", [{}, {"input": "scaled", "target": "last", "layers": 1},
@@ -32,7 +33,7 @@ def test_round_trip_keeps_everything(tmp_path, kw):
     loaded = checkpoint.load(path)
     assert loaded.config == trained.config and loaded.vocab == trained.vocab
     assert loaded.normalization == trained.normalization
-    assert loaded.training == {"epoch": 3} and loaded.seed_windows == ["abc"]
+    assert loaded.training == TrainingRecord(epoch=3) and loaded.seed_windows == ["abc"]
     ids = torch.tensor([[1, 2, 3, 4]])
     trained.model.eval()
     assert torch.equal(trained.model(ids)[0], loaded.model(ids)[0])
@@ -60,9 +61,10 @@ def test_missing_file(tmp_path):
 def test_truncated_file(tmp_path):
     path = checkpoint.save(tmp_path / "m.safetensors", _trained())
     data = path.read_bytes()
-    for cut in (4, 100, len(data) // 2, len(data) - 3):
+    for cut, message in ((4, "too short"), (100, "truncated"), (len(data) // 2, "truncated"),
+                         (len(data) - 3, "truncated")):
         path.write_bytes(data[:cut])
-        with pytest.raises(CharLSTMError):
+        with pytest.raises(CharLSTMError, match=message):
             checkpoint.load(path)
 
 

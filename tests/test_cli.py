@@ -9,7 +9,9 @@ import sys
 import pytest
 
 from charlstm import checkpoint
-from charlstm.cli import main
+from charlstm.cli import build_parser, main
+from charlstm.metrics import read_metrics
+from charlstm.recipes import OPTION_NAMES
 from charlstm.train import Trainer
 
 TINY = ["--units", "32", "--window", "20", "--batch-size", "32", "--no-progress", "--seed", "1"]
@@ -24,16 +26,21 @@ def trained_dir(tmp_path_factory, small_text):
     return out
 
 
-def test_train_writes_keras_style_checkpoints_and_summary(trained_dir, small_text, capsys):
+def test_train_names_checkpoints_like_keras_by_their_epoch_and_loss(trained_dir):
+    rows = {row["epoch"]: row for row in read_metrics(trained_dir)}
+    assert sorted(rows) == [1, 2]
     names = sorted(p.name for p in trained_dir.glob("weights-improvement-*.safetensors"))
-    assert names and all(re.fullmatch(r"weights-improvement-0[12]-\d\.\d{4}\.safetensors", n) for n in names)
-    assert (trained_dir / "best.safetensors").is_file()
-    assert (trained_dir / "metrics.jsonl").read_text().count("\n") == 2
+    assert names and names[0].startswith("weights-improvement-01-")  # the first epoch always improves
+    for name in names:
+        epoch, loss = re.fullmatch(r"weights-improvement-(\d\d)-(\d\.\d{4})\.safetensors", name).groups()
+        assert loss == f"{rows[int(epoch)]['loss']:.4f}"  # the tutorial's recipe monitors the training loss
+    best = checkpoint.load(trained_dir / "best.safetensors").training
+    assert f"weights-improvement-{best.epoch:02d}-" in names[-1]
 
 
 def test_summary_lines_are_printed(tmp_path, small_text, capsys):
-    main(["train", "--preset", "tutorial-small", "--epochs", "1", "--text", str(small_text),
-          "-o", str(tmp_path), *TINY])
+    assert main(["train", "--preset", "tutorial-small", "--epochs", "1", "--text", str(small_text),
+                 "-o", str(tmp_path), *TINY]) == 0
     out = capsys.readouterr().out
     assert "Total Characters: 6000" in out and "Total Vocab: " in out
     assert "Total Patterns: 5380" in out  # 5400 training characters - window of 20
@@ -62,10 +69,12 @@ def test_generate_needs_only_the_checkpoint(trained_dir, small_text, capsys):
 
 def test_seed_makes_generation_reproducible(trained_dir, capsys):
     ckpt = str(trained_dir / "best.safetensors")
-    main(["generate", ckpt, "--seed", "3", "--temperature", "1.0", "--length", "200"])
+    assert main(["generate", ckpt, "--seed", "3", "--temperature", "1.0", "--length", "200"]) == 0
     first = capsys.readouterr().out
-    main(["generate", ckpt, "--seed", "3", "--temperature", "1.0", "--length", "200"])
+    assert main(["generate", ckpt, "--seed", "3", "--temperature", "1.0", "--length", "200"]) == 0
     assert capsys.readouterr().out == first
+    assert main(["generate", ckpt, "--seed", "4", "--temperature", "1.0", "--length", "200"]) == 0
+    assert capsys.readouterr().out != first
 
 
 def test_prime_and_length(trained_dir, capsys):
@@ -77,7 +86,7 @@ def test_prime_and_length(trained_dir, capsys):
 
 def test_ctrl_c_keeps_the_last_good_checkpoint(tmp_path, small_text, monkeypatch, capsys):
     calls = {"n": 0}
-    original = Trainer._train_step
+    original = Trainer.train_step
 
     def interrupt_in_second_epoch(self, *args):
         calls["n"] += 1
@@ -85,12 +94,12 @@ def test_ctrl_c_keeps_the_last_good_checkpoint(tmp_path, small_text, monkeypatch
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_in_second_epoch)
+    monkeypatch.setattr(Trainer, "train_step", interrupt_in_second_epoch)
     code = main(["train", "--preset", "tutorial-small", "--epochs", "5", "--text", str(small_text),
                  "-o", str(tmp_path), *TINY])
     assert code == 130
     saved = list(tmp_path.glob("weights-improvement-01-*.safetensors"))
-    assert len(saved) == 1 and checkpoint.load(saved[0]).training["epoch"] == 1
+    assert len(saved) == 1 and checkpoint.load(saved[0]).training.epoch == 1
     assert not list(tmp_path.glob(".*.tmp"))
     assert "interrupted" in capsys.readouterr().out
 
@@ -194,3 +203,12 @@ def test_run_trains_then_generates(tmp_path, small_text, capsys):
     assert "Total Vocab:" in out and "best checkpoint:" in out
     generated = out.split('Seed:\n"alice"\n', 1)[1].rsplit("\nDone.", 1)[0]
     assert len(generated) == 80
+
+
+def test_training_options_are_the_config_fields():
+    """Each config field is an option of the same name, and no other option goes unused."""
+    given = vars(build_parser().parse_args(["train"]))
+    assert OPTION_NAMES & given.keys() == OPTION_NAMES - {"activation", "recurrent_activation"}  # Keras imports'
+    cli_only = {"command", "func", "preset", "resume", "init", "no_progress", "text", "gutenberg", "mirror",
+                "cache_dir", "offline", "keep_case", "strip_punctuation", "encoding", "data"}
+    assert given.keys() - OPTION_NAMES == cli_only

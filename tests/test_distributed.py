@@ -66,8 +66,8 @@ def test_prepared_data_is_memory_mapped_and_resumes_exactly_mid_epoch(data_dir, 
         assert torch.equal(value, _weights(tmp_path / "parts" / "last.safetensors")[key]), key
     data = PreparedData.open(data_dir)
     assert isinstance(data.train_ids, np.memmap)
-    assert whole.trained.training["data"]["val_characters"] == 2000  # the fixed --val-chars part
-    assert whole.trained.training["data"]["sources"] == data.sources
+    assert whole.trained.training.data.val_characters == 2000  # the fixed --val-chars part
+    assert whole.trained.training.data.sources == data.sources
 
 
 def test_two_processes_compute_what_one_process_computes(data_dir, tmp_path):

@@ -15,7 +15,7 @@ from charlstm.corpus import Corpus
 from charlstm.dynamic_eval import DynamicConfig, dynamic_evaluate
 from charlstm.errors import CharLSTMError
 from charlstm.model import CharLSTM, ModelConfig
-from charlstm.train import evaluate_ids
+from charlstm.evaluate import evaluate_ids
 from charlstm.vocab import Vocab
 
 

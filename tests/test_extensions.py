@@ -14,7 +14,8 @@ from charlstm.cli import main
 from charlstm.corpus import Corpus
 from charlstm.data import IGNORE_INDEX
 from charlstm.model import CharLSTM, ModelConfig
-from charlstm.train import Trainer, TrainConfig
+from charlstm.recipes import TrainConfig
+from charlstm.train import Trainer
 
 TINY = ["--units", "24", "--window", "20", "--no-progress", "--seed", "1", "--precision", "fp32"]
 
@@ -61,7 +62,7 @@ def test_sentence_epoch_counts_only_real_targets(tmp_path, pg11):
                       TrainConfig(epochs=1, batch_size=8, batching="sentences", val_fraction=0.0,
                                   monitor="loss", output_dir=str(tmp_path), precision="fp32"),
                       log=lambda _: None, progress=False)
-    trainer._train_epoch()
+    trainer.train_epoch()
     assert trainer.position.targets == trainer.batches.num_targets < len(ids)
 
 
@@ -95,7 +96,7 @@ def test_batch_size_one_trains(tmp_path, small_text, preset):
                         "--window", "10", "--bptt", "20")
     assert code == 0 and np.isfinite(rows[0]["loss"])
     best = checkpoint.load(tmp_path / "out" / "best.safetensors")
-    assert best.training["config"]["batch_size"] == 1
+    assert best.training.config["batch_size"] == 1
 
 
 def test_strip_punctuation_removes_it_from_the_vocabulary(tmp_path, small_text):

@@ -11,8 +11,10 @@ from charlstm.checkpoint import TrainedModel
 from charlstm.cli import main
 from charlstm.corpus import Corpus, Normalization
 from charlstm.errors import CharLSTMError
+from charlstm.evaluate import evaluate_ids
 from charlstm.model import CharLSTM, ModelConfig
-from charlstm.train import FINE_TUNING, evaluate_ids, fit
+from charlstm.recipes import FINE_TUNING
+from charlstm.train import fit
 from charlstm.vocab import Vocab
 
 QUIET = dict(progress=False, log=lambda _: None)
@@ -63,21 +65,21 @@ def test_fine_tuning_a_lowercased_text_beats_training_from_scratch(tmp_path, bas
     common = dict(epochs=2, seed=3, lr=5e-3, **TINY, **QUIET)
     tuned = fit(corpus, init=str(base_path), output_dir=str(tmp_path / "tuned"), **common)
     scratch = fit(corpus, output_dir=str(tmp_path / "scratch"), **common)
-    tuned_loss = tuned.trained.training["best"]["val_loss"]
-    scratch_loss = scratch.trained.training["best"]["val_loss"]
+    tuned_loss = tuned.trained.training.best.val_loss
+    scratch_loss = scratch.trained.training.best.val_loss
     assert tuned_loss < scratch_loss - 0.1, (tuned_loss, scratch_loss)
     saved = checkpoint.load(tuned.best_path)
     assert saved.vocab == Vocab.from_text(text) and saved.normalization.lowercase
-    record = saved.training["init"]
+    record = saved.training.init
     assert record["init"] == str(base_path) and record["new_characters"] == ["~"]
     assert record["sha256"] == finetune.file_sha256(base_path)
-    assert saved.training["config"]["lr"] == 5e-3  # an explicit option wins over FINE_TUNING
+    assert saved.training.config["lr"] == 5e-3  # an explicit option wins over FINE_TUNING
 
 
 def test_fine_tuning_schedule_and_regularisation_defaults(tmp_path, base_path, pg11):
     corpus = Corpus.from_string(Corpus.from_files(pg11).text[:5000])
     result = fit(corpus, init=str(base_path), output_dir=str(tmp_path), epochs=1, batch_size=8, bptt=40, **QUIET)
-    config = result.trained.training["config"]
+    config = result.trained.training.config
     assert config["lr"] == FINE_TUNING["lr"]
     assert config["warmup_steps"] == FINE_TUNING["warmup_steps"]
     model = result.trained.config

@@ -370,10 +370,11 @@ def test_fixed_seed_reproduces_and_another_seed_differs(vocab, prime):
     assert gen.generate(prime, 300, sampling=sampling, seed=12, mode="stateful") != first
 
 
-@pytest.mark.parametrize("bad", [SamplingConfig(-1.0), SamplingConfig(1.0, top_k=-2),
-                                 SamplingConfig(1.0, top_p=0.0)])
-def test_bad_sampling_settings_are_user_errors(vocab, prime, bad):
-    with pytest.raises(CharLSTMError):
+@pytest.mark.parametrize("bad, message", [(SamplingConfig(-1.0), "--temperature"),
+                                          (SamplingConfig(1.0, top_k=-2), "--top-k"),
+                                          (SamplingConfig(1.0, top_p=0.0), "--top-p")])
+def test_bad_sampling_settings_are_user_errors(vocab, prime, bad, message):
+    with pytest.raises(CharLSTMError, match=message):
         Generator(trained(vocab, units=8)).generate(prime, 10, sampling=bad)
 
 
@@ -414,13 +415,21 @@ def test_empty_stop_string_is_a_user_error(vocab, prime):
 
 
 def test_stream_yields_single_characters_lazily(vocab, prime):
-    gen = Generator(trained(vocab))
+    tm = trained(vocab)
+    gen = Generator(tm, backend="module")  # every step is one call of the model
+    calls = []
+    forward = tm.model.forward
+    tm.model.forward = lambda *args, **kwargs: (calls.append(1), forward(*args, **kwargs))[1]
     chars = gen.stream(prime, 50, mode="stateful")
-    assert iter(chars) is chars
+    assert not calls  # nothing is computed before the first character is asked for
     first = next(chars)
+    assert len(calls) == 1  # the prime, read in one call; its last output gives the first character
+    second = next(chars)
+    assert len(calls) == 2  # one step per further character
     rest = list(chars)
-    assert len(first) == 1 and all(len(c) == 1 for c in rest)
-    assert first + "".join(rest) == gen.generate(prime, 50, mode="stateful")
+    assert len(first) == 1 and all(len(c) == 1 for c in rest) and len(rest) == 48
+    del tm.model.forward
+    assert first + second + "".join(rest) == gen.generate(prime, 50, mode="stateful")
 
 
 # ----------------------------------------------------------------------------- batches and modes

@@ -168,8 +168,8 @@ def test_real_checkpoint_architecture_and_vocabulary(imported, keras_text):
     assert (cfg.recurrent_activation, cfg.activation, cfg.vocab_size, cfg.dropout) == ("hard_sigmoid", "tanh", 45, 0.2)
     assert list(imported.vocab.chars) == tutorial_vocabulary(keras_text)
     assert imported.normalization.lowercase and not imported.normalization.strip_gutenberg
-    assert imported.training["epoch"] == 19 and imported.training["loss"] == 1.9465
-    assert imported.training["imported_from"] == "keras"
+    assert imported.training.epoch == 19 and imported.training.loss == 1.9465
+    assert imported.training.imported_from == "keras"
     assert len(imported.seed_windows) > 50
     assert all(len(seed) == 100 for seed in imported.seed_windows)
 
@@ -188,7 +188,7 @@ def test_saved_checkpoint_loads_as_a_native_one(imported, tmp_path, tutorial_ids
     loaded = checkpoint.load(path)
     assert loaded.config == imported.config
     assert loaded.vocab == imported.vocab
-    assert loaded.training["keras"]["file"] == "weights-improvement-19-1.9465.hdf5"
+    assert loaded.training.keras.file == "weights-improvement-19-1.9465.hdf5"
     windows = random_windows_of(tutorial_ids, 8, 100, seed=1)
     assert np.array_equal(model_probabilities(loaded, windows), model_probabilities(imported, windows))
 
@@ -323,7 +323,7 @@ def test_two_layer_keras2_model(tmp_path, keras_text, small_ids, gate):
     result = import_keras(path, keras_text, ImportOptions(check_chars=0))
     cfg = result.trained.config
     assert (cfg.layers, cfg.units, cfg.window, cfg.recurrent_activation) == (2, 24, 30, gate)
-    assert result.trained.training["epoch"] == 5
+    assert result.trained.training.epoch == 5
     assert_matches(result.trained, ref, small_ids, 30)
 
 

@@ -28,7 +28,7 @@ from charlstm import checkpoint
 from charlstm.batching import Engine, Stream, StreamSpec
 from charlstm.generate import Generator, SamplingConfig
 from charlstm.serve import ServeConfig, create_app
-from charlstm.train import evaluate_ids
+from charlstm.evaluate import evaluate_ids
 from serve_support import LiveServer, make_model
 
 warnings.filterwarnings("ignore", message=".*httpx.*", category=Warning)

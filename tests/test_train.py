@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import charlstm
 from charlstm import checkpoint
@@ -18,7 +17,10 @@ from charlstm.data import StreamBatches, load_ids, save_ids, split_train_val
 from charlstm.errors import CharLSTMError
 from charlstm.metrics import plot_run, read_metrics
 from charlstm.model import CharLSTM, ModelConfig
-from charlstm.train import LN2, EpochRecord, Trainer, evaluate_ids, preset_configs
+from charlstm.evaluate import LN2
+from charlstm.recipes import preset_configs
+from charlstm.records import EpochRecord
+from charlstm.train import Trainer
 from charlstm.train_state import pack_optimizer, pack_rng, restore_rng, unpack_optimizer
 from charlstm.vocab import Vocab
 
@@ -39,15 +41,6 @@ def small_corpus(alice_start):
 # ----------------------------------------------------------------------- validation and bits/char
 
 
-def test_validation_is_the_last_tenth():
-    ids = np.arange(1000)
-    train, val = split_train_val(ids, 0.1)
-    assert len(val) == 100 and val[0] == 900 and val[-1] == 999 and len(train) == 900
-    assert len(split_train_val(ids, 0.0)[1]) == 0
-    with pytest.raises(CharLSTMError):
-        split_train_val(ids, 1.0)
-
-
 def test_no_validation_text_monitors_training_loss():
     _, config = preset_configs("default", 40, val_fraction=0.0)
     assert config.monitor == "loss"
@@ -62,60 +55,24 @@ def test_bits_per_char_is_nats_over_ln2():
     assert math.isclose(row["val_bpc"], 2.0) and math.isclose(row["bpc"], 1.2 / LN2)
 
 
-def test_a_model_that_knows_nothing_scores_log_vocab():
-    model = CharLSTM(ModelConfig(vocab_size=32, units=16, layers=1))
-    torch.nn.init.zeros_(model.head.weight)
-    torch.nn.init.zeros_(model.head.bias)
-    ids = np.random.default_rng(0).integers(0, 32, 700).astype(np.uint8)
-    nats = evaluate_ids(model, ids, context=ids[:50])
-    assert math.isclose(nats, math.log(32), rel_tol=1e-5)
-    assert math.isclose(nats / LN2, 5.0, rel_tol=1e-5)
-
-
-def test_evaluation_scores_every_character_left_to_right(alice_start):
-    vocab = Vocab.from_text(alice_start)
-    ids = vocab.encode(alice_start)
-    model = CharLSTM(ModelConfig(vocab_size=len(vocab), units=24, layers=1)).eval()
-    whole = evaluate_ids(model, ids[:1200], chunk=1000)
-    with torch.no_grad():  # the same thing by hand: one pass, state carried, mean over 1199 targets
-        logits, _ = model(torch.from_numpy(ids[:1200].astype(np.int64))[None])
-        by_hand = F.cross_entropy(logits[0, :-1], torch.from_numpy(ids[1:1200].astype(np.int64))).item()
-    assert math.isclose(whole, by_hand, rel_tol=1e-5)
-    assert math.isclose(evaluate_ids(model, ids[:1200], chunk=97), whole, rel_tol=1e-5)
-
-
-def test_stream_evaluation_runs_on_one_thread_and_restores_the_count(monkeypatch):
-    model = CharLSTM(ModelConfig(vocab_size=10, units=8, layers=1))
-    seen = []
-    original = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **k: (seen.append(torch.get_num_threads()), original(*a, **k))[1])
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        evaluate_ids(model, np.arange(30, dtype=np.uint8) % 10, chunk=8)
-        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------- checkpoint selection
 
 
 def test_checkpoints_are_selected_and_named_by_validation_loss(tmp_path, small_corpus, monkeypatch):
     scripted = iter([2.0, 1.5, 1.7, 1.4])
-    monkeypatch.setattr(Trainer, "_evaluate_ids", lambda self, ids: next(scripted))
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: next(scripted))
     result = charlstm.fit(small_corpus, epochs=4, output_dir=str(tmp_path), **SMALL, **QUIET)
     names = sorted(p.name for p in tmp_path.glob("weights-improvement-*"))
     assert names == ["weights-improvement-01-2.0000.safetensors", "weights-improvement-02-1.5000.safetensors",
                      "weights-improvement-04-1.4000.safetensors"]
     assert result.best_path.name == names[-1]
     best = checkpoint.load(tmp_path / "best.safetensors")
-    assert best.training["best"]["val_loss"] == 1.4 and best.training["epoch"] == 4
+    assert best.training.best.val_loss == 1.4 and best.training.epoch == 4
 
 
 def test_patience_stops_early(tmp_path, small_corpus, monkeypatch):
     scripted = iter([2.0, 2.1, 2.2, 1.0, 1.0])
-    monkeypatch.setattr(Trainer, "_evaluate_ids", lambda self, ids: next(scripted))
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: next(scripted))
     result = charlstm.fit(small_corpus, epochs=5, patience=2, output_dir=str(tmp_path), **SMALL, **QUIET)
     assert len(result.history) == 3
 
@@ -125,7 +82,7 @@ def test_patience_stops_early(tmp_path, small_corpus, monkeypatch):
 
 def _stop_after(monkeypatch, steps: int) -> None:
     """Make the run stop (as on Ctrl-C) after ``steps`` optimiser steps."""
-    original = Trainer._train_step
+    original = Trainer.train_step
 
     def counting(self, *args):
         out = original(self, *args)
@@ -133,7 +90,7 @@ def _stop_after(monkeypatch, steps: int) -> None:
             self.request_stop()
         return out
 
-    monkeypatch.setattr(Trainer, "_train_step", counting)
+    monkeypatch.setattr(Trainer, "train_step", counting)
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, small_corpus, monkeypatch):
@@ -170,7 +127,7 @@ def test_fine_tuning_a_window_model_uses_windows(tmp_path, small_corpus):
                  output_dir=str(tmp_path / "a"), **QUIET)
     result = charlstm.fit(small_corpus, resume=tmp_path / "a" / "best.safetensors", epochs=1, batch_size=256,
                           output_dir=str(tmp_path / "b"), **QUIET)
-    assert result.trained.config.target == "last" and result.trained.training["config"]["batching"] == "windows"
+    assert result.trained.config.target == "last" and result.trained.training.config["batching"] == "windows"
 
 
 def test_resume_refuses_to_change_the_architecture(tmp_path, small_corpus):
@@ -216,8 +173,8 @@ def test_time_budget_schedule_ends_on_the_final_rate(small_corpus):
                                           lr=1e-3, final_lr_fraction=0.1, **{k: v for k, v in SMALL.items()
                                                                              if k not in ("lr", "warmup_steps")})
     trainer = Trainer(CharLSTM(model_config), vocab, vocab.encode(small_corpus.text), config, **QUIET)
-    trainer._eval_seconds = 0.0
-    budget_end = 100.0 - trainer._reserve_seconds()
+    trainer.eval_seconds = 0.0
+    budget_end = 100.0 - trainer.reserve_seconds()
     assert math.isclose(trainer.lr_at(0, 0.0), 1e-4)  # warm-up
     assert math.isclose(trainer.lr_at(50, 0.0), 1e-3)
     assert math.isclose(trainer.lr_at(50, budget_end / 2), 1e-3 * (0.1 + 0.9 * 0.5))
@@ -235,7 +192,10 @@ def test_streams_continue_each_other_and_move_between_epochs(tmp_path):
     assert len(first) == len(second) == len(batches)
     (x0, y0), (x1, _) = first[0], first[1]
     assert torch.equal(y0[:, :-1], x0[:, 1:]) and torch.equal(x1[:, 0], y0[:, -1])  # continues
-    assert batches.offset(1) != batches.offset(2) or batches.offset(2) != batches.offset(3)
+    offsets = [batches.offset(epoch) for epoch in range(1, 11)]
+    assert len(set(offsets)) > 1 and all(0 <= o < 30 for o in offsets)  # they move, within one piece
+    for epoch, batches_of_epoch in ((1, first), (2, second)):  # each epoch's streams start at its offset
+        assert batches_of_epoch[0][0][0, 0].item() == ids[batches.offset(epoch)]
     again = list(StreamBatches(ids, batch_size=4, bptt=30, random_offset=True, seed=1).epoch(1))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))  # same seed and epoch, same batches
     assert x0.dtype == torch.int64

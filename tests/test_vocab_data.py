@@ -38,7 +38,7 @@ def test_split_keeps_the_last_tenth_for_validation():
     train, val = split_train_val(ids, 0.1)
     assert len(train) == 900 and val[0] == 900 and val[-1] == 999
     assert len(split_train_val(ids, 0.0)[1]) == 0
-    with pytest.raises(CharLSTMError):
+    with pytest.raises(CharLSTMError, match="--val-fraction must be in"):
         split_train_val(ids, 1.0)
 
 

@@ -29,9 +29,11 @@ _quiet_start()
 from .checkpoint import TrainedModel, load, save
 from .corpus import Corpus, Normalization
 from .errors import CharLSTMError
+from .evaluate import evaluate_ids
 from .generate import Generator, SamplingConfig, generate
 from .model import CharLSTM, ModelConfig
-from .train import PRESETS, TrainConfig, Trainer, evaluate_ids, fit, train
+from .recipes import PRESETS, TrainConfig
+from .train import Trainer, fit, train
 from .vocab import Vocab
 
 __all__ = [

@@ -17,15 +17,17 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .corpus import Normalization
-from .errors import CharLSTMError
 from .checks import check_name
+from .errors import CharLSTMError
 from .fileio import NAME_MAX, atomic_write_bytes
 from .model import CharLSTM, ModelConfig
+from .records import TrainingRecord
 from .vocab import Vocab
 
 FORMAT = "charlstm"
@@ -34,6 +36,8 @@ MODEL_PREFIX = "model."
 CHECKSUM_KEY = "charlstm.sha256"   # sha256 of the metadata and every tensor's name, dtype, shape, bytes
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 SUFFIX = ".safetensors"
+MAX_SEED_TEXT = 2_000_000  # characters of seed windows a checkpoint's metadata may hold
+SEED_WINDOWS = 200                # random training windows stored as generation seeds
 
 
 @dataclass
@@ -43,13 +47,26 @@ class TrainedModel:
     model: CharLSTM
     vocab: Vocab
     normalization: Normalization = field(default_factory=Normalization)
-    training: dict = field(default_factory=dict)
+    training: TrainingRecord = field(default_factory=TrainingRecord)
     seed_windows: list[str] = field(default_factory=list)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    path: Path | None = field(default=None, compare=False)  # the file it was loaded from
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    def info_lines(self, path: str | Path) -> list[str]:
+        """What ``charlstm info`` prints: the network, its vocabulary, and how it was trained."""
+        return [
+            f"checkpoint: {path}",
+            "model: " + ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items()),
+            f"parameters: {self.model.num_parameters():,}",
+            f"vocabulary: {len(self.vocab)} characters {_shown_chars(self.vocab.chars)}"
+            + (f", unknown symbol {self.vocab.unknown_char!r}" if self.vocab.unknown_char else ""),
+            "normalization: " + ", ".join(f"{k}={v}" for k, v in self.normalization.to_dict().items()),
+            *self.training.info_lines(path),
+        ]
 
     def metadata(self) -> dict:
         return {
@@ -58,9 +75,25 @@ class TrainedModel:
             "model": self.config.to_dict(),
             "vocab": self.vocab.to_jsonable(),
             "normalization": self.normalization.to_dict(),
-            "training": self.training,
+            "training": self.training.to_json(),
             "seed_windows": self.seed_windows,
         }
+
+
+def _shown_chars(chars: tuple[str, ...], limit: int = 200) -> str:
+    """All of a small alphabet; the start of a large one (a CJK vocabulary has thousands)."""
+    shown = "".join(chars[:limit])
+    return repr(shown) + (f" and {len(chars) - limit:,} more" if len(chars) > limit else "")
+
+
+def seed_windows(vocab: Vocab, ids: np.ndarray, window: int, seed: int, count: int = SEED_WINDOWS) -> list[str]:
+    """``count`` random windows of the training text, decoded: the seeds a checkpoint carries so that
+    generating can start as the tutorial does (from a random window) without the corpus."""
+    if len(ids) <= window:
+        return [vocab.decode(ids)]
+    count = max(1, min(count, MAX_SEED_TEXT // window))  # metadata small enough to load for huge windows
+    starts = np.random.default_rng(seed).integers(0, len(ids) - window, size=count)
+    return [vocab.decode(ids[s:s + window]) for s in starts]
 
 
 def checkpoint_name(template: str, epoch: int, loss: float, **fields) -> str:
@@ -127,6 +160,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
         config = ModelConfig.from_dict(meta["model"])
         vocab = Vocab.from_json(meta["vocab"])
         normalization = Normalization.from_dict(meta.get("normalization", {}))
+        training = TrainingRecord.from_json(meta.get("training", {}))
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise CharLSTMError(f"{path}: incomplete checkpoint metadata ({type(err).__name__}: {err})") from None
     except CharLSTMError as err:
@@ -139,9 +173,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
         model=model.to(device).eval(),
         vocab=vocab,
         normalization=normalization,
-        training=meta.get("training", {}),
+        training=training,
         seed_windows=[s for s in meta.get("seed_windows", []) if isinstance(s, str)],
         extra=extra,
+        path=path,
     )
 
 
@@ -284,7 +319,7 @@ def metadata_problem(meta: dict) -> str | None:
     if not isinstance(training, dict):
         return "'training' must be an object"
     checks = [
-        ("history", lambda v: _list_problem(v, _HISTORY_ROW, "training.history", ("epoch", "loss"))),
+        ("history", lambda v: _list_problem(v, _HISTORY_ROW, "training.history")),
         ("data", lambda v: _record_problem(v, _DATA, "training.data")),
         ("baselines", lambda v: _list_problem(v, _BASELINE, "training.baselines", tuple(_BASELINE))),
         ("config", lambda v: None if isinstance(v, dict) else "training.config must be an object"),
@@ -317,8 +352,11 @@ def _resume_problem(resume) -> str | None:
     if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params", []), list)
                                                for g in groups):
         return "training.resume.optimizer.param_groups must be a list of objects"
-    if not isinstance(resume.get("run_id", ""), str) or not isinstance(resume.get("fingerprint", ""), str):
+    if not all(isinstance(resume.get(k) or "", str) for k in ("run_id", "fingerprint")):
         return "training.resume.run_id and fingerprint must be text"
+    if not _is_int(resume.get("world_size", 1)) or not isinstance(resume.get("ranks", []), list) \
+            or not all(isinstance(r, dict) for r in resume.get("ranks", [])):
+        return "training.resume.world_size and ranks are malformed"
     return None
 
 

@@ -18,10 +18,12 @@ from .fileio import NAME_MAX, writable_target
 MAX_THREADS = 1024            # far above any CPU here; OpenMP crashes (exit 139) somewhere below 10^5
 MAX_SEED = 2**64 - 1          # what torch.manual_seed and NumPy's generators accept
 MIN_TEMPERATURE = 1e-6        # below this 1/T overflows; 0 means greedy
+MAX_TEMPERATURE = 100.0
 
 
 def option(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """``lr`` or ``--lr`` -> ``--lr``."""
+    return name if name.startswith("-") else "--" + name.replace("_", "-")
 
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:
@@ -55,7 +57,7 @@ def check_seed(value: int | None, name: str = "seed") -> None:
 
 
 def check_temperature(value, name: str = "temperature") -> None:
-    check_float(name, value, 0.0, 100.0)
+    check_float(name, value, 0.0, MAX_TEMPERATURE)
     if 0 < value < MIN_TEMPERATURE:
         raise CharLSTMError(f"{option(name)} {value:g} is too small to divide by: use 0 for greedy, "
                             f"or at least {MIN_TEMPERATURE:g}")

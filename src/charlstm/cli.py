@@ -12,28 +12,30 @@ import random
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
-from .baselines import compressor_baselines, format_baselines, versus_best
 from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization, check_encoding
 from .data import split_train_val
 from .dynamic_eval import DynamicConfig, dynamic_evaluate
 from .checks import (check_device, check_float, check_int, check_output_dir, check_output_file, check_seed,
                      check_threads)
 from .errors import CharLSTMError
+from .evaluate import LN2, score_text
 from .fast_step import BACKENDS
 from .finetune import resolve_init
 from .generate import MAX_LENGTH, MAX_STREAMS, MODES, Generator, SamplingConfig
-from .keras_import import CHECK_CHARS, ImportOptions, TextReading, import_keras, keras_stem
+from .keras_import import CHECK_CHARS, KERAS_ACTIVATIONS, ImportOptions, TextReading, import_keras, keras_stem
 from .metrics import plot_run
 from .distributed import Distributed
-from .native import PRECISIONS
+from .model import INPUTS, TARGETS
+from .native import PRECISIONS as STEP_PRECISIONS
 from .prepare import PrepareConfig, PreparedData, prepare
-from .train import DEFAULT_KEEP, LN2, PRESETS, evaluate_ids, fit, preset_configs
+from .recipes import (BATCHINGS, MONITORS, OPTIMIZERS, OPTION_NAMES, PRECISIONS, PRESETS, SCHEDULES,
+                      option_help, preset_configs)
+from .train import fit
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -58,11 +60,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _float_list(text: str) -> tuple[float, ...]:
+def _temperatures(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
+        values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.2,0.5,1.0, not {text}") from None
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.2,0.5,1.0, not {text!r}")
+    return values
 
 
 # ----------------------------------------------------------------------- arguments
@@ -122,75 +127,60 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training (defaults come from --preset)")
     g.add_argument("--preset", default="default", choices=list(PRESETS))
-    g.add_argument("--input", choices=["scaled", "onehot", "embedding"])
-    g.add_argument("--embedding-dim", type=_positive_int)
-    g.add_argument("--layers", type=_positive_int)
-    g.add_argument("--units", type=_positive_int)
-    g.add_argument("--dropout", type=float, help="dropout after each LSTM layer")
-    g.add_argument("--input-dropout", type=float, help="dropout on the input encoding")
-    g.add_argument("--weight-drop", type=float, help="DropConnect on the recurrent weights (AWD-LSTM)")
-    g.add_argument("--variational", action=argparse.BooleanOptionalAction, default=None,
-                   help="one dropout mask per sequence for all time steps")
-    g.add_argument("--window", type=_positive_int, help="characters per window (the tutorial's seq_length)")
-    g.add_argument("--epochs", type=_positive_int)
-    g.add_argument("--batch-size", type=_positive_int)
-    g.add_argument("--lr", type=float, help="learning rate")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--optimizer", choices=["adam", "adamw"])
-    g.add_argument("--schedule", choices=["constant", "cosine"])
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--final-lr-fraction", type=float, help="the cosine schedule ends at lr times this")
-    g.add_argument("--clip", type=float, help="max gradient norm (0 = off)")
-    g.add_argument("--batching", choices=["windows", "streams", "sentences"],
-                   help="tutorial windows, contiguous streams (truncated BPTT) or padded sentences")
-    g.add_argument("--stateful", action="store_true", default=None,
-                   help="windows: consecutive windows in consecutive batches, LSTM state carried (Keras stateful=True)")
-    g.add_argument("--target", choices=["last", "all"],
-                   help="predict the character after each window (the tutorial) or every next character")
-    g.add_argument("--bptt", type=_positive_int, help="stream piece length for truncated BPTT")
-    g.add_argument("--random-offset", action=argparse.BooleanOptionalAction, default=None,
-                   help="start the streams at a random offset each epoch")
-    g.add_argument("--val-fraction", type=float, help="held-out share at the end of the text (0 = none)")
-    g.add_argument("--monitor", choices=["loss", "val_loss"])
-    g.add_argument("--patience", type=int, help="stop after this many epochs without improvement")
-    g.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop (and plan the schedule) by then")
-    g.add_argument("-o", "--output-dir", help="folder for checkpoints and metrics (default: checkpoints)")
-    g.add_argument("--checkpoint-template", help="e.g. 'weights-improvement-{epoch:02d}-{loss:.4f}'")
-    g.add_argument("--keep", type=int, metavar="N",
-                   help="keep the newest N weights-improvement files (best and last always stay; 0 = all; "
-                        f"default {DEFAULT_KEEP}, tutorial presets all, as Keras)")
-    g.add_argument("--ignore-lock", action="store_true", default=None,
-                   help="train into an output folder that another training is using")
-    g.add_argument("--seed", type=int, help="random seed, for reproducible runs")
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    g.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
+
+    def option(name: str, *flags: str, **kw) -> None:  # dest = the config field, help = its description
+        g.add_argument(*flags, "--" + name.replace("_", "-"), dest=name, help=option_help(name), **kw)
+
+    option("input", choices=INPUTS)
+    option("embedding_dim", type=_positive_int)
+    option("layers", type=_positive_int)
+    option("units", type=_positive_int)
+    option("dropout", type=float)
+    option("input_dropout", type=float)
+    option("weight_drop", type=float)
+    option("variational", action=argparse.BooleanOptionalAction, default=None)
+    option("window", type=_positive_int)
+    option("epochs", type=_positive_int)
+    option("batch_size", type=_positive_int)
+    option("lr", type=float)
+    option("weight_decay", type=float)
+    option("optimizer", choices=OPTIMIZERS)
+    option("schedule", choices=SCHEDULES)
+    option("warmup_steps", type=int)
+    option("final_lr_fraction", type=float)
+    option("clip", type=float)
+    option("batching", choices=BATCHINGS)
+    option("stateful", action="store_true", default=None)
+    option("target", choices=TARGETS)
+    option("bptt", type=_positive_int)
+    option("random_offset", action=argparse.BooleanOptionalAction, default=None)
+    option("val_fraction", type=float)
+    option("monitor", choices=MONITORS)
+    option("patience", type=int)
+    option("time_budget", type=float, metavar="SECONDS")
+    option("output_dir", "-o")
+    option("checkpoint_template")
+    option("seed", type=int)
+    option("device")
+    option("precision", choices=PRECISIONS)
+    option("threads", type=int)
+    option("keep", type=int, metavar="N")
+    option("ignore_lock", action="store_true", default=None)
     g.add_argument("--resume", type=Path, metavar="CHECKPOINT",
                    help="continue from a checkpoint: last.safetensors exactly, any other one as fine-tuning")
     g.add_argument("--init", metavar="english|CHECKPOINT",
                    help="fine-tune a pretrained model on this text: 'english' (the shipped base) or a checkpoint")
-    g.add_argument("--sample-every", type=int, metavar="N", help="print generated samples every N epochs")
-    g.add_argument("--sample-temperatures", type=_float_list, metavar="T,T,...",
-                   help="temperatures for those samples (default 0.2,0.5,1.0)")
-    g.add_argument("--sample-length", type=_positive_int, help="characters per sample (default 200)")
+    option("sample_every", type=int, metavar="N")
+    option("sample_temperatures", type=_temperatures, metavar="T,T,...")
+    option("sample_length", type=_positive_int)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("prepared data and long runs (torchrun starts several processes: DDP)")
     g.add_argument("--data", type=Path, metavar="DATA_DIR",
                    help="train on a folder written by charlstm prepare (memory-mapped; instead of --text)")
-    g.add_argument("--val-chars", type=int, metavar="N",
-                   help="score a fixed N-character part of the validation text, spread over it (0 = all)")
-    g.add_argument("--eval-every", type=int, metavar="STEPS", help="also validate (and keep the best) every N steps")
-    g.add_argument("--save-every", type=int, metavar="STEPS", help="also write last.safetensors every N steps")
-    g.add_argument("--max-steps", type=int, metavar="N",
-                   help="stop after N optimiser steps in all, resumably (as the first Ctrl-C does)")
-
-
-def _temperatures(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, not {text!r}") from None
-    return values
+    option("val_chars", type=int, metavar="N")
+    option("eval_every", type=int, metavar="STEPS")
+    option("save_every", type=int, metavar="STEPS")
+    option("max_steps", type=int, metavar="N")
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -229,7 +219,7 @@ def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True)
     if with_checkpoint:
         g.add_argument("--seed", type=int, dest="gen_seed", metavar="N", help="same as --sample-seed")
         g.add_argument("--device", default="cpu")
-        g.add_argument("--precision", choices=PRECISIONS, default="fp32",
+        g.add_argument("--precision", choices=STEP_PRECISIONS, default="fp32",
                        help="stateful step arithmetic: fp32 (exact, default) or bf16 (bf16 weights and "
                             "products, fp32 sums and state; faster; see the README for how close)")
         g.add_argument("--threads", type=_positive_int,
@@ -333,7 +323,6 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
                        help=f"{text} (default {getattr(d, name)})")
 
-KERAS_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "tanh", "relu", "linear")
 
 
 def _add_import_keras_args(p: argparse.ArgumentParser) -> None:
@@ -374,19 +363,11 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
                             cache_dir=args.cache_dir, offline=args.offline, encoding=args.encoding)
 
 
-TRAIN_OPTIONS = ("input", "embedding_dim", "layers", "units", "dropout", "input_dropout", "window", "epochs",
-                 "batch_size", "lr", "weight_decay", "optimizer", "schedule", "warmup_steps", "clip", "batching",
-                 "bptt", "stateful", "target", "val_fraction", "monitor", "patience", "time_budget", "output_dir",
-                 "checkpoint_template", "seed", "device", "precision", "weight_drop", "variational",
-                 "final_lr_fraction", "random_offset", "threads", "sample_every", "sample_temperatures",
-                 "sample_length", "val_chars", "eval_every", "save_every", "max_steps", "keep", "ignore_lock")
-
-
 def prepare_training(args: argparse.Namespace) -> dict:
     """Everything that can be checked before the text is read: every option's range, the
     checkpoint template, the output folder (created, proven writable), and for ``run`` the
     generation options. Returns the training overrides."""
-    overrides = {name: getattr(args, name, None) for name in TRAIN_OPTIONS}
+    overrides = {name: value for name, value in vars(args).items() if name in OPTION_NAMES}
     if args.resume is None and args.init is None:
         preset_configs(args.preset, 2, **overrides)  # validates both configs with these values
     else:
@@ -418,19 +399,21 @@ def _train(args: argparse.Namespace):
     prepare_training(args)
     if args.init is not None:
         resolve_init(args.init)  # a missing model is reported before the text is read
-    data = getattr(args, "data", None)
+    data, resume = getattr(args, "data", None), None
     if data is not None:
         if args.text or args.gutenberg is not None:
             raise CharLSTMError("give either --data DIR or a text (--text/--gutenberg), not both")
         data = PreparedData.open(data)  # a bad folder is reported before any process group forms
-    elif args.resume is not None:  # read the text the way the checkpoint's text was read
-        norm = checkpoint.load(args.resume).normalization
-        args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
+    if args.resume is not None:
+        resume = checkpoint.load(args.resume)
+        if data is None:  # read the text the way the checkpoint's text was read
+            norm = resume.normalization
+            args.keep_case, args.strip_punctuation = not norm.lowercase, norm.strip_punctuation
     corpus = corpus_from_args(args) if data is None else None
-    overrides = {name: getattr(args, name, None) for name in TRAIN_OPTIONS}
+    overrides = {name: value for name, value in vars(args).items() if name in OPTION_NAMES}
     dist = Distributed.from_env(args.device or "auto")
     try:
-        result = fit(corpus, args.preset, progress=not args.no_progress, resume=args.resume, init=args.init,
+        result = fit(corpus, args.preset, progress=not args.no_progress, resume=resume, init=args.init,
                      data=data, dist=dist, **overrides)
     finally:
         dist.close()
@@ -536,21 +519,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ids = trained.vocab.encode(corpus.text, unknown=args.unknown)
     context, scored = split_train_val(ids, args.val_fraction) if args.val_fraction else (ids[:0], ids)
     _check_scorable(trained, context, scored, args)
-    started = time.perf_counter()
-    nats = evaluate_ids(trained.model, scored, context=context[-trained.config.window:])
-    static_seconds = time.perf_counter() - started
-    bits = nats / LN2
-    baselines = compressor_baselines(trained.vocab.decode(context), trained.vocab.decode(scored))
+    score = score_text(trained.model, trained.vocab, context, scored)
     where = f"the last {args.val_fraction:.0%} of the text" if args.val_fraction else "the whole text"
-    print(f"scored: {len(scored):,} characters ({where})")
-    print(f"model: {nats:.4f} nats/char = {bits:.4f} bits/char ({versus_best(bits, baselines)})")
-    print(f"compressors: {format_baselines(baselines)} bits/char")
+    print(f"scored: {score.characters:,} characters ({where})")
+    for line in score.lines():
+        print(line)
     if args.dynamic:
         result = dynamic_evaluate(trained.model, scored, context=context[-trained.config.window:], config=dynamic)
-        gain = 1 - result.nats_per_char / nats
-        print(f"static: {nats:.4f} nats/char = {bits:.4f} bits/char in {static_seconds:.1f} s")
+        gain = 1 - result.nats_per_char / score.nats
+        print(f"static: {score.nats:.4f} nats/char = {score.bits:.4f} bits/char in {score.seconds:.1f} s")
         print(f"dynamic: {result.nats_per_char:.4f} nats/char = {result.nats_per_char / LN2:.4f} bits/char "
-              f"in {result.seconds:.1f} s ({result.seconds / max(static_seconds, 1e-9):.1f}x the static time; "
+              f"in {result.seconds:.1f} s ({result.seconds / max(score.seconds, 1e-9):.1f}x the static time; "
               f"lr {dynamic.lr:g}, segment {dynamic.segment}, decay {dynamic.decay:g}): "
               f"{gain:.1%} fewer nats/char than static")
     return 0
@@ -569,56 +548,9 @@ def _check_scorable(trained: checkpoint.TrainedModel, context, scored, args: arg
 
 def cmd_info(args: argparse.Namespace) -> int:
     trained = checkpoint.load(args.checkpoint)
-    for line in info_lines(args.checkpoint, trained):
+    for line in trained.info_lines(args.checkpoint):
         print(line)
     return 0
-
-
-def info_lines(path: Path, trained: checkpoint.TrainedModel) -> list[str]:
-    cfg, training = trained.config, trained.training
-    history = training.get("history", [])
-    lines = [
-        f"checkpoint: {path}",
-        "model: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()),
-        f"parameters: {trained.model.num_parameters():,}",
-        f"vocabulary: {len(trained.vocab)} characters {_shown_chars(trained.vocab.chars)}"
-        + (f", unknown symbol {trained.vocab.unknown_char!r}" if trained.vocab.unknown_char else ""),
-        "normalization: " + ", ".join(f"{k}={v}" for k, v in trained.normalization.to_dict().items()),
-    ]
-    data = training.get("data")
-    if data:
-        lines.append(f"data: {', '.join(data.get('sources', [])) or '?'}: {data.get('characters', 0):,} characters "
-                     f"({data.get('train_characters', 0):,} training, {data.get('val_characters', 0):,} validation)")
-    config = training.get("config")
-    if config:
-        keys = ("batch_size", "bptt", "lr", "weight_decay", "optimizer", "schedule", "precision", "time_budget")
-        lines.append("training: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config))
-    keras = training.get("keras")
-    if isinstance(keras, dict):
-        loss = training.get("loss")
-        lines.append(f"imported from Keras: {keras.get('file')} ({keras.get('format')}), text {keras.get('text')}"
-                     + (f", training loss {loss}" if loss is not None else ""))
-    init = training.get("init")
-    if init:
-        lines.append(f"fine-tuned from: {init.get('init')} (sha256 {str(init.get('sha256'))[:12]}, "
-                     f"{init.get('characters_new', 0)} new characters)")
-    lines.append(f"epochs trained: {training.get('epoch', len(history))}")
-    vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
-    if vals:
-        best = min(vals)
-        lines.append(f"best val_loss: {best:.4f} nats/char ({best / LN2:.4f} bits/char)")
-    baselines = training.get("baselines")
-    if baselines:
-        lines.append("compressors on the validation text: "
-                     + ", ".join(f"{b['name']} {b['bits_per_char']:.3f}" for b in baselines) + " bits/char")
-    if history:
-        lines.append(f"last training loss: {history[-1]['loss']:.4f}")
-    resume = training.get("resume")
-    if resume:
-        pos = resume.get("position", {})
-        lines.append(f"resumable: epoch {pos.get('epoch')}, batch {pos.get('batch')}, step {pos.get('step')} "
-                     f"(charlstm train --resume {path})")
-    return lines
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -631,12 +563,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     return run_server(files, config)
-
-
-def _shown_chars(chars: tuple[str, ...], limit: int = 200) -> str:
-    """All of a small alphabet; the start of a large one (a CJK vocabulary has thousands)."""
-    shown = "".join(chars[:limit])
-    return repr(shown) + (f" and {len(chars) - limit:,} more" if len(chars) > limit else "")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -660,7 +586,7 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"vocabulary: {len(result.trained.vocab)} characters of {args.text} ({reading.describe()})")
     if result.check_loss is not None:
-        stated = result.trained.training.get("loss")
+        stated = result.trained.training.loss
         hint = f" (the file name says loss {stated})" if stated is not None else ""
         print(f"check: {result.check_loss:.4f} nats/char on {result.check_chars} characters of the text{hint}")
     print(f"wrote {output}")

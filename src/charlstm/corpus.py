@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import CharLSTMError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, user_cache_dir
 
 DEFAULT_BOOK = 11
 MIRROR_ENV = "CHARLSTM_MIRROR"
@@ -264,11 +264,7 @@ def strip_punctuation(text: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("charlstm")) / "gutenberg"
+    return user_cache_dir("gutenberg", CACHE_ENV)
 
 
 def fetch_gutenberg(

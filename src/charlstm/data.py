@@ -15,6 +15,7 @@ import math
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -22,10 +23,28 @@ import torch
 from .errors import CharLSTMError
 
 
-def split_train_val(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """The last ``val_fraction`` of the text is held out; 0 means no validation text."""
+class Batches(Protocol):
+    """What the trainer asks of a batcher: the batches of an epoch, from any batch on."""
+
+    @property
+    def num_targets(self) -> int:
+        """Characters predicted per epoch (the tutorial's "Total Patterns" for windows)."""
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+
+    def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(x, y)`` int64 batches; ``y`` is ``IGNORE_INDEX`` where there is nothing to predict."""
+
+
+def check_val_fraction(val_fraction: float) -> None:
     if not 0.0 <= val_fraction < 1.0:
         raise CharLSTMError(f"--val-fraction must be in [0, 1), not {val_fraction}")
+
+
+def split_train_val(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``val_fraction`` of the text is held out; 0 means no validation text."""
+    check_val_fraction(val_fraction)
     n_val = int(round(len(ids) * val_fraction))
     return ids[: len(ids) - n_val], ids[len(ids) - n_val:]
 
@@ -60,6 +79,10 @@ class WindowBatches:
     def num_patterns(self) -> int:
         return len(self.ids) - self.window
 
+    @property
+    def num_targets(self) -> int:
+        return self.num_patterns  # one target per window
+
     def __len__(self) -> int:
         return math.ceil(self.num_patterns / self.batch_size)
 
@@ -81,6 +104,16 @@ class WindowBatches:
 @dataclass
 class StreamBatches:
     """``batch_size`` contiguous streams cut into ``bptt``-long pieces; y is x shifted by one.
+
+    The text, after the epoch's offset, is cut into B equal streams, one per row; batch k is
+    columns k*bptt .. (k+1)*bptt of every row, so row i of batch k+1 continues row i of batch k
+    (B = 3, bptt = 3, one letter per character; y is the same one character later)::
+
+        text:  a b c d e f g h i j k l m n o p q r s
+        x:     a b c d e f      batch 0   batch 1
+               g h i j k l  ->  a b c     d e f
+               m n o p q r      g h i     j k l
+                                m n o     p q r
 
     With ``random_offset`` every epoch starts the streams at a different offset in
     ``[0, bptt)`` (drawn from ``seed`` and the epoch number), so the piece boundaries move from
@@ -166,19 +199,6 @@ def fixed_sample(ids: np.ndarray, n: int, pieces: int = 64) -> np.ndarray:
     return np.concatenate([np.asarray(ids[s:s + size]) for s in starts])
 
 
-MAX_SEED_TEXT = 2_000_000  # characters of seed windows a checkpoint's metadata may hold
-
-
-def random_windows(ids: np.ndarray, window: int, count: int, seed: int) -> np.ndarray:
-    """``count`` random windows of the text (the seeds a checkpoint carries for generation), fewer
-    for very long windows so that the checkpoint's metadata stays small enough to load."""
-    count = max(1, min(count, MAX_SEED_TEXT // max(window, 1)))
-    if len(ids) <= window:
-        return np.asarray(ids)[None, :]
-    starts = np.random.default_rng(seed).integers(0, len(ids) - window, size=count)
-    return np.stack([np.asarray(ids[s:s + window]) for s in starts])
-
-
 IGNORE_INDEX = -100  # targets at padded positions; the loss skips them
 
 
@@ -212,6 +232,10 @@ class StatefulWindowBatches:
     @property
     def num_patterns(self) -> int:
         return len(self) * self.batch_size
+
+    @property
+    def num_targets(self) -> int:
+        return self.num_patterns  # one target per window
 
     def epoch(self, epoch: int = 0, start_batch: int = 0):
         for b in range(start_batch, len(self)):

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CharLSTMError
+from .evaluate import one_cpu_thread
 from .model import CharLSTM, detach_state
-from .train import _one_cpu_thread
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def dynamic_evaluate(model: CharLSTM, ids: np.ndarray, context: np.ndarray | Non
     params = [p for p in adapting.parameters() if p.requires_grad]
     update = _RMSUpdate(params, config)
     total, state = 0.0, None
-    with _one_cpu_thread(device):
+    with one_cpu_thread(device):
         if first > 1:
             with torch.no_grad():
                 _, state = adapting(full[None, :first - 1], None)

@@ -2,8 +2,8 @@
 
 For one stream the arithmetic per character is two small matrix-vector products (2 x 256:
 0.8 M multiply-adds, 3 MB of weights), so time goes to everything around it: PyTorch's
-per-op dispatch (a dozen ops per layer, ~1,900 chars/s through ``nn.LSTM`` one step at a
-time), fresh tensors each step, and a BLAS gemv that streams these weights at about a third
+per-op dispatch (a dozen ops per layer through ``nn.LSTM`` one step at a time), fresh
+tensors each step, and a BLAS gemv that streams these weights at about a third
 of the cache bandwidth a plain loop reaches. The backends work on weights rearranged once
 (``LeanWeights``) and buffers allocated once:
 
@@ -454,8 +454,17 @@ class ModuleStepper(Stepper):
 def lean_supported(model: CharLSTM) -> bool:
     """Whether the lean backends implement this model's layers (gate and cell activations)."""
     cfg = model.config
-    return cfg.recurrent_activation in LEAN_GATES and getattr(cfg, "activation", "tanh") == "tanh"
+    return cfg.recurrent_activation in LEAN_GATES and cfg.activation == "tanh"
 
+
+def check_backend(backend: str, precision: str = "fp32") -> None:
+    """The step options, checked before any work."""
+    if backend not in BACKENDS:
+        raise CharLSTMError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if precision not in PRECISIONS:
+        raise CharLSTMError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "bf16" and backend == "module":
+        raise CharLSTMError("--precision bf16 runs on the native and torch backends, not module")
 
 
 def make_stepper(model: CharLSTM, batch_size: int, backend: str = "auto",
@@ -464,11 +473,8 @@ def make_stepper(model: CharLSTM, batch_size: int, backend: str = "auto",
     """A stepper for ``model``; ``auto`` = native on CPU where it compiles, torch otherwise,
     module for layers the lean backends do not implement. ``precision`` ``bf16`` (lean
     backends only): bf16 weights and products, fp32 sums and state."""
-    if backend not in BACKENDS:
-        raise CharLSTMError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if precision not in PRECISIONS:
-        raise CharLSTMError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "bf16" and (backend == "module" or not lean_supported(model)):
+    check_backend(backend, precision)
+    if precision == "bf16" and not lean_supported(model):
         raise CharLSTMError("--precision bf16 runs on the native and torch backends, with sigmoid or "
                             "hard_sigmoid gates and tanh cells")
     if backend == "module" or (backend == "auto" and not lean_supported(model)):

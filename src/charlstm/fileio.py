@@ -8,6 +8,7 @@
 * ``RunLock``: one training per output folder; an ``flock`` that dies with its process, so a
   killed run never leaves it stuck.
 * ``remove_stale_temporaries``: the hidden ``.NAME.PID.tmp`` files a killed writer left.
+* ``user_cache_dir``: where downloaded books and the compiled kernel are cached.
 """
 
 from __future__ import annotations
@@ -194,3 +195,13 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError):
         return True
     return True
+
+
+def user_cache_dir(kind: str, env: str) -> Path:
+    """Where charlstm caches ``kind`` (downloaded books, the compiled kernel): ``$env`` if set,
+    else the platform's user cache folder."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("charlstm")) / kind

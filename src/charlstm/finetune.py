@@ -79,7 +79,7 @@ def load_init(init: str | Path, vocab: Vocab, model_overrides: dict | None = Non
         "init": str(init) if str(init) in PRETRAINED else str(path),
         "sha256": file_sha256(path),
         "model": source.config.to_dict(),
-        "val_loss": source.training.get("best", {}).get("val_loss"),
+        "val_loss": source.training.best.val_loss if source.training.best else None,
         "characters_shared": shared,
         "characters_new": len(vocab) - shared,
         "new_characters": [c for c in vocab.chars if c not in source.vocab.chars],

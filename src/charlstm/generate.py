@@ -30,8 +30,8 @@ import torch
 from .checkpoint import TrainedModel
 from .checks import check_float, check_int, check_temperature
 from .errors import CharLSTMError
-from .fast_step import BACKENDS, LeanWeights, Stepper, lean_supported, make_stepper
-from .native import PRECISIONS, NativeSampler, native_library
+from .fast_step import LeanWeights, Stepper, check_backend, lean_supported, make_stepper
+from .native import NativeSampler, native_library
 
 MODES = ("auto", "stateful", "window")
 MAX_LENGTH = 10_000_000
@@ -257,12 +257,7 @@ class Generator:
 
     def __init__(self, trained: TrainedModel, device: str | torch.device = "cpu", backend: str = "auto",
                  precision: str = "fp32") -> None:
-        if backend not in BACKENDS:
-            raise CharLSTMError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-        if precision not in PRECISIONS:
-            raise CharLSTMError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        if precision == "bf16" and backend == "module":
-            raise CharLSTMError("--precision bf16 runs on the native and torch backends, not module")
+        check_backend(backend, precision)
         self.precision = precision
         self.trained = trained
         self.model = trained.model.to(device).eval()

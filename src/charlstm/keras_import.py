@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import TrainedModel
+from .checkpoint import TrainedModel, seed_windows
 from .corpus import (Normalization, check_input_file, read_text_bytes, strip_gutenberg_boilerplate,
                      undecodable)
-from .data import random_windows
 from .errors import CharLSTMError
 from .model import CharLSTM, ModelConfig
-from .train import SEED_WINDOWS, evaluate_ids
+from .records import KerasRecord, TrainingRecord
+from .evaluate import score_after
 from .vocab import Vocab
 
 DEFAULT_WINDOW = 100                      # the tutorial's seq_length
@@ -58,6 +58,7 @@ SUPPORTED_LAYERS = ("LSTM", "Dropout", "Dense", "Activation", "InputLayer")
 KERAS3_CONTAINER_NAMES = {"LSTM": "lstm", "Dense": "dense", "Dropout": "dropout", "Activation": "activation"}
 # Keras' activation names to ModelConfig's; 'hard_sigmoid' depends on the Keras version.
 ACTIVATION_NAMES = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu", "linear": "linear"}
+KERAS_ACTIVATIONS = ("hard_sigmoid", *ACTIVATION_NAMES)  # every activation an imported LSTM may name
 KERAS_SUFFIXES = (".weights.h5", ".hdf5", ".h5", ".keras")
 CHECKPOINT_NAME_RE = re.compile(r"-(\d+)-(\d+(?:\.\d+)?)(?:-[^-]*)?$")
 
@@ -537,7 +538,7 @@ def _activation_name(value, network: KerasNetwork, path: Path, layer: str) -> st
         return "hard_sigmoid_keras3" if network.keras_major >= 3 else "hard_sigmoid"
     if isinstance(value, str) and value in ACTIVATION_NAMES:
         return ACTIVATION_NAMES[value]
-    supported = ", ".join(sorted([*ACTIVATION_NAMES, "hard_sigmoid"]))
+    supported = ", ".join(sorted(KERAS_ACTIVATIONS))
     raise CharLSTMError(f"{path}: layer {layer} uses the activation {value!r}; supported: {supported}")
 
 
@@ -727,19 +728,18 @@ def import_keras(path: str | Path, text_path: str | Path, options: ImportOptions
     text, raw = read_training_text(text_path, options.reading)
     vocab = vocab_for_model(text_path, text, raw, options.reading, config.vocab_size)
     ids = vocab.encode(text)
-    seeds = random_windows(ids, config.window, SEED_WINDOWS, options.seed)
     trained = TrainedModel(
         model=imported.model,
         vocab=vocab,
         normalization=Normalization(lowercase=options.reading.lowercase, strip_punctuation=False,
                                     strip_gutenberg=False),
         training=_training_record(path, text_path, network, imported, options),
-        seed_windows=[vocab.decode(row) for row in seeds],
+        seed_windows=seed_windows(vocab, ids, config.window, options.seed),
     )
     result = ImportResult(trained, imported.description, imported.notes)
     if options.check_chars > 0 and len(ids) > config.window + 1:
         result.check_loss, result.check_chars = _check_loss(imported.model, ids, options.check_chars)
-        trained.training["keras"]["check_nats_per_char"] = round(result.check_loss, 6)
+        trained.training.keras.check_nats_per_char = round(result.check_loss, 6)
         _refuse_if_worse_than_chance(text_path, result.check_loss, len(vocab))
     return result
 
@@ -758,21 +758,11 @@ def _refuse_if_worse_than_chance(text_path: Path, loss: float, vocab_size: int) 
 
 
 def _training_record(path: Path, text_path: Path, network: KerasNetwork, imported: ImportedModel,
-                     options: ImportOptions) -> dict:
-    record = {
-        "imported_from": "keras",
-        "keras": {
-            "file": path.name,
-            "format": network.file_format,
-            "keras_version": network.keras_version,
-            "architecture": imported.description,
-            "text": text_path.name,
-            "text_reading": asdict(options.reading),
-            "notes": imported.notes,
-        },
-    }
-    record.update(epoch_and_loss_from_name(path.name))
-    return record
+                     options: ImportOptions) -> TrainingRecord:
+    keras = KerasRecord(file=path.name, format=network.file_format, keras_version=network.keras_version,
+                        architecture=imported.description, text=text_path.name,
+                        text_reading=asdict(options.reading), notes=imported.notes)
+    return TrainingRecord(keras=keras, **epoch_and_loss_from_name(path.name))
 
 
 def keras_stem(name: str) -> str:
@@ -798,5 +788,5 @@ def _check_loss(model: CharLSTM, ids: np.ndarray, count: int) -> tuple[float, in
     count = min(count, len(ids) - window - 1, max(1, CHECK_BUDGET // window))
     start = max(0, (len(ids) - window - count) // 2)
     context, scored = ids[start:start + window], ids[start + window:start + window + count]
-    return evaluate_ids(model, scored, context=context), len(scored)
+    return score_after(model, context, scored), len(scored)
 

@@ -5,17 +5,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 
 from .checks import check_output_file
 from .errors import CharLSTMError
 from .fileio import atomic_write_bytes
+from .evaluate import LN2
 
 JSONL_NAME = "metrics.jsonl"
 CSV_NAME = "metrics.csv"
 PLOT_NAME = "loss.png"
-LN2 = math.log(2.0)
 
 
 class MetricsLog:

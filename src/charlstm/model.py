@@ -20,21 +20,21 @@ the fast kernel still runs. Both are training-only and change no parameters.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import CharLSTMError
+from .vocab import MAX_VOCAB
 
 INPUTS = ("scaled", "onehot", "embedding")
 TARGETS = ("last", "all")
 # Gate and cell activations an LSTM may use (the names Keras configs give them; Keras 3 redefined
 # hard_sigmoid, so its version has a name of its own).
 ACTIVATIONS = ("sigmoid", "hard_sigmoid", "hard_sigmoid_keras3", "tanh", "relu", "linear")
-RECURRENT_ACTIVATIONS = ACTIVATIONS
-LIMITS = {"vocab_size": 65535, "layers": 64, "units": 16384, "embedding_dim": 16384, "window": 1_000_000}
+LIMITS = {"vocab_size": MAX_VOCAB, "layers": 64, "units": 16384, "embedding_dim": 16384, "window": 1_000_000}
 
 State = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -43,21 +43,30 @@ State = list[tuple[torch.Tensor, torch.Tensor]]
 REGULARISATION_FIELDS = ("dropout", "input_dropout", "weight_drop", "variational")
 
 
+def knob(default, help: str):
+    """A config field with its one-line description, which the command line shows as its help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int
-    input: str = "embedding"
-    embedding_dim: int = 64
-    layers: int = 2
-    units: int = 256
-    dropout: float = 0.2
-    input_dropout: float = 0.0
-    recurrent_activation: str = "sigmoid"
-    target: str = "all"
-    window: int = 100
-    activation: str = "tanh"
-    weight_drop: float = 0.0
-    variational: bool = False
+    """What the network is: everything needed to rebuild it from a checkpoint's weights."""
+
+    vocab_size: int  # characters it reads and predicts (the vocabulary's size)
+    input: str = knob("embedding", "how a character enters the network: id / vocabulary size (the tutorial's "
+                                   "scaled), a one-hot vector, or a learned embedding")
+    embedding_dim: int = knob(64, "size of the learned character vectors (--input embedding)")
+    layers: int = knob(2, "stacked LSTM layers")
+    units: int = knob(256, "LSTM units (hidden and cell size) per layer")
+    dropout: float = knob(0.2, "dropout after each LSTM layer")
+    input_dropout: float = knob(0.0, "dropout on the input encoding")
+    recurrent_activation: str = knob("sigmoid", "gate activation: sigmoid (PyTorch's fused LSTM) or a Keras "
+                                                "one for imported models")
+    target: str = knob("all", "predict the character after each window (the tutorial) or every next character")
+    window: int = knob(100, "characters per window (the tutorial's seq_length); evaluation context")
+    activation: str = knob("tanh", "cell and output activation (tanh unless imported)")
+    weight_drop: float = knob(0.0, "DropConnect on the recurrent weights (AWD-LSTM)")
+    variational: bool = knob(False, "one dropout mask per sequence for all time steps")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -68,7 +77,7 @@ class ModelConfig:
             if not isinstance(value, int) or not 1 <= value <= limit:
                 raise CharLSTMError(f"model {name} must be an integer in [1, {limit}], not {value!r}")
         for name, allowed in (("input", INPUTS), ("target", TARGETS),
-                              ("recurrent_activation", RECURRENT_ACTIVATIONS), ("activation", ACTIVATIONS)):
+                              ("recurrent_activation", ACTIVATIONS), ("activation", ACTIVATIONS)):
             if getattr(self, name) not in allowed:
                 raise CharLSTMError(f"model {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if not isinstance(self.variational, bool):
@@ -151,6 +160,9 @@ class LoopLSTM(nn.Module):
 
 
 class CharLSTM(nn.Module):
+    """Input encoding -> stacked LSTM layers (dropout after each) -> a linear head giving the
+    next character's logits; ``forward`` reads whole sequences, ``step`` one character."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import CharLSTMError
+from .fileio import user_cache_dir
 
 if TYPE_CHECKING:
     from .fast_step import LeanWeights
@@ -119,11 +120,7 @@ class NativeLayout:
 
 
 def native_cache_dir() -> Path:
-    if os.environ.get(NATIVE_CACHE_ENV):
-        return Path(os.environ[NATIVE_CACHE_ENV])
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("charlstm")) / "native"
+    return user_cache_dir("native", NATIVE_CACHE_ENV)
 
 
 def _cpu_signature() -> str:

@@ -50,7 +50,6 @@ try:
 except ImportError:  # the optional extra: `pip install charlstm[serve]`
     Starlette = None
 
-LN2 = math.log(2)
 API_PREFIX = "/v1/"
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "n", "seed",
                      "stream", "stream_options", "logprobs", "echo", "prime_unknown", "user",
@@ -139,16 +138,14 @@ class ServedModel:
 
     def describe(self) -> dict:
         trained = self.trained
-        history = trained.training.get("history") if isinstance(trained.training, dict) else None
-        vals = [h["val_loss"] for h in history or [] if isinstance(h, dict)
-                and isinstance(h.get("val_loss"), (int, float)) and math.isfinite(h["val_loss"])]
+        best = trained.training.best
         return {
             "id": self.name, "object": "model", "created": self.created, "owned_by": "charlstm",
             "charlstm": {
                 "config": trained.config.to_dict(),
                 "vocab": list(trained.vocab.chars),
                 "parameters": trained.model.num_parameters(),
-                "val_bits_per_char": min(vals) / LN2 if vals else None,
+                "val_bits_per_char": best.val_bpc if best and math.isfinite(best.val_loss) else None,
                 "normalization": trained.normalization.to_dict(),
                 "mode": self.engine.mode,
                 "active": self.engine.active,
