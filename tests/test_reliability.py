@@ -339,8 +339,8 @@ def test_sigterm_saves_last_and_exits_143(tmp_path, small_text):
     stdout, err = process.communicate(timeout=300)
     assert process.returncode == 143 and "Traceback" not in err, err
     assert "resume with --resume" in stdout
-    resumed = checkpoint.load(out / "last.safetensors").training["resume"]
-    assert resumed["position"]["epoch"] >= 2
+    resumed = checkpoint.load(out / "last.safetensors").training.resume
+    assert resumed.position.epoch >= 2 and resumed.run_id
 
 
 @pytest.mark.slow
@@ -440,7 +440,7 @@ def test_keep_bounds_the_improvement_files(tmp_path, small_text):
 
 
 def test_presets_keep_policy():
-    from charlstm.train import DEFAULT_KEEP, preset_configs
+    from charlstm.recipes import DEFAULT_KEEP, preset_configs
 
     assert preset_configs("default", 10)[1].keep == DEFAULT_KEEP > 0
     assert preset_configs("tutorial-small", 10)[1].keep == 0 == preset_configs("tutorial-large", 10)[1].keep

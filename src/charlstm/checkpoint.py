@@ -331,7 +331,7 @@ def metadata_problem(meta: dict) -> str | None:
         ("resume", _resume_problem),
     ]
     for name, check in checks:
-        if name in training:
+        if training.get(name) is not None:  # a record may be absent or null
             problem = check(training[name])
             if problem:
                 return problem
