@@ -40,18 +40,9 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks"), str(REPO / "src")
 
 import crashes  # noqa: E402
 import hostile  # noqa: E402
+from machine_probe import cpu_name  # noqa: E402
 
 SHARED = Path(os.environ.get("CHARLSTM_SHARED", REPO.parent / "shared"))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_average() -> str:
@@ -429,23 +420,21 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--fuzz-cases", type=int, default=10_000)
-    parser.add_argument("--sections", default="1,2,3,4")
+    parser.add_argument("--sections", default="1,2,3,4", help="which sections, in this order")
     args = parser.parse_args()
-    sections = set(args.sections.split(","))
-    print(f"# Reliability, measured\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_model()}, "
+    print(f"# Reliability, measured\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_name()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}; load average at start {load_average()}\n")
     with tempfile.TemporaryDirectory(prefix="charlstm-reliability-") as folder:
         work = Path(folder)
         text = training_text(work, 30_000)
-        if "1" in sections:
-            crash_section(work, text, args.kills, args.epochs)
-        if "2" in sections:
-            (work / "hostile").mkdir()
-            hostile_section(work / "hostile")
-        if "3" in sections:
-            fuzz_section(work, text, args.fuzz_cases)
-        if "4" in sections:
-            server_section()
+        runs = {"1": lambda: crash_section(work, text, args.kills, args.epochs),
+                "2": lambda: hostile_section(work / "hostile"),
+                "3": lambda: fuzz_section(work, text, args.fuzz_cases),
+                "4": server_section}
+        (work / "hostile").mkdir()
+        for section in args.sections.split(","):  # in the order given
+            runs[section.strip()]()
+            sys.stdout.flush()
     print(f"load average at the end: {load_average()}")
 
 
