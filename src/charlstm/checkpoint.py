@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .corpus import Normalization
-from .checks import check_name
+from .checks import check_name, check_no_nul
 from .errors import CharLSTMError
 from .fileio import NAME_MAX, atomic_write_bytes
 from .model import CharLSTM, ModelConfig
@@ -215,6 +215,7 @@ def parameter_count(config: ModelConfig) -> int:
 def _check_header(path: Path) -> None:
     """A regular file whose 8-byte header length fits the file (a FIFO would block, a folder
     cannot be read), refused before anything is allocated."""
+    check_no_nul(path, "checkpoint")
     try:
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):

@@ -130,11 +130,18 @@ def check_name(name: str, what: str) -> None:
         raise CharLSTMError(f"{what}: the file name is {size} bytes long; at most {NAME_MAX} are allowed")
 
 
+def check_no_nul(path: str | os.PathLike, what: str) -> None:
+    """File systems refuse NUL in a path (Python raises ValueError): one clear line instead."""
+    if "\0" in os.fspath(path):
+        raise CharLSTMError(f"{what}: {os.fspath(path)!r} contains a NUL character, which no path may hold")
+
+
 def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
     """Refuse an output file that cannot be written or is not a file, before any work starts."""
     text = os.fspath(path)
     if not text:
         raise CharLSTMError(f"{what}: an empty path is not a file name")
+    check_no_nul(text, what)
     path = Path(text)
     check_name(path.name, f"{what} {path}")
     target = writable_target(path)
@@ -147,6 +154,7 @@ def check_output_dir(folder: str | os.PathLike, what: str = "-o", create: bool =
     text = os.fspath(folder)
     if not text:
         raise CharLSTMError(f"{what}: an empty path is not a folder")
+    check_no_nul(text, what)
     folder = Path(text)
     for part in folder.parts:
         if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .checks import check_no_nul
 from .errors import CharLSTMError
 from .fileio import atomic_write_bytes, user_cache_dir
 
@@ -115,6 +116,7 @@ class Corpus:
 def check_input_file(path: Path, what: str = "file") -> os.stat_result:
     """A regular file that exists and can be opened; one clear line for everything else (a
     folder, a FIFO that would block, a symlink loop, no permission, an over-long name)."""
+    check_no_nul(path, "file")
     try:
         info = path.stat()
     except FileNotFoundError:

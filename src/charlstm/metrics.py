@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from .checks import check_output_file
+from .checks import check_no_nul, check_output_file
 from .errors import CharLSTMError
 from .fileio import atomic_write_bytes
 from .evaluate import LN2
@@ -86,6 +86,7 @@ def _csv_bytes(rows: list[dict]) -> bytes:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of ``metrics.jsonl`` in a run directory (or the file itself)."""
+    check_no_nul(run_dir, "plot")
     path = Path(run_dir)
     if path.is_dir():
         path = path / JSONL_NAME
