@@ -49,7 +49,8 @@ class Tally:
     def by_class(self) -> dict[str, int]:
         classes: Counter = Counter()
         for status, count in self.statuses.items():
-            classes["no answer" if status == 0 else f"{status // 100}xx"] += count
+            name = status if isinstance(status, str) else "no answer" if status <= 0 else f"{status // 100}xx"
+            classes[name] += count
         return dict(sorted(classes.items()))
 
 

@@ -41,6 +41,7 @@ SHARED = Path(os.environ.get("CHARLSTM_SHARED", REPO.parent / "shared"))
 GUTENBERG = SHARED / "corpora" / "gutenberg"
 ALICE = SHARED / "corpora" / "pg11.txt"
 COPIES_FOR_1GB = 8
+MODEL = ["--layers", "2", "--units", "256", "--embedding-dim", "64"]  # pinned: the default recipe adapts its size
 
 
 def env(threads: int) -> dict:
@@ -84,22 +85,23 @@ def charlstm(*args: str) -> list[str]:
 def bench_prepare(inputs: list[str], out: Path) -> dict:
     # a wrapper interpreter per run reports its one child's peak RSS (ru_maxrss) and wall time
     code = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-            "r = subprocess.run(sys.argv[1:]); w = time.perf_counter() - t; "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, w); sys.exit(r.returncode)")
+            "r = subprocess.run(sys.argv[1:]); w = time.perf_counter() - t; u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+            "print(u.ru_maxrss, w, u.ru_utime + u.ru_stime); sys.exit(r.returncode)")
     cmd = [sys.executable, "-c", code, *charlstm("prepare", *inputs, "-o", str(out), "--no-progress")]
     result = run_measured(cmd)
     lines = result["stdout"].strip().splitlines()
-    peak_kb, wall = lines[-1].split()
+    peak_kb, wall, cpu = lines[-1].split()
     size = sum(s["bytes"] for s in json.loads((out / "manifest.json").read_text())["sources"])
     summary = next((line for line in lines if line.startswith("sources:")), "")
-    return {"mb": size / 1e6, "seconds": float(wall), "peak_mb": int(peak_kb) / 1024, "summary": summary}
+    return {"mb": size / 1e6, "seconds": float(wall), "cpu": float(cpu), "peak_mb": int(peak_kb) / 1024,
+            "summary": summary}
 
 
 # ----------------------------------------------------------------------- 2. training memory
 
 
 def bench_train_memory(data: Path, out: Path, seconds: int) -> dict:
-    cmd = charlstm("train", "--data", str(data), "--threads", "1", "--val-chars", "20000", "--eval-every", "50",
+    cmd = charlstm("train", "--data", str(data), *MODEL, "--threads", "1", "--val-chars", "20000", "--eval-every", "50",
                    "--save-every", "50", "--time-budget", str(seconds), "--no-progress", "-o", str(out))
     result = run_measured(cmd, threads=1, sample=True)
     samples = result["samples"]
@@ -111,7 +113,7 @@ def bench_train_memory(data: Path, out: Path, seconds: int) -> dict:
 
 
 def bench_throughput(data: Path, out: Path, steps: int) -> list[tuple[str, float]]:
-    args = ["--data", str(data), "--max-steps", str(steps), "--eval-every", str(steps), "--val-chars", "2000",
+    args = ["--data", str(data), *MODEL, "--max-steps", str(steps), "--eval-every", str(steps), "--val-chars", "2000",
             "--batch-size", "64", "--bptt", "50", "--no-progress"]
     rows = []
     for label, threads, procs in (("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 2, 1),
@@ -184,9 +186,24 @@ t = time.perf_counter()
 for _ in range(steps):
     step()
 train = steps * 64 * 50 / (time.perf_counter() - t)
+# where the output layer's time goes: its two GEMMs (forward, backward) and the fp32 cross-entropy
+h = torch.randn(64 * 50, 256, requires_grad=True)
+def head_only(with_loss):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.head(h)
+    loss = F.cross_entropy(logits.float(), y.reshape(-1)) if with_loss else logits.float().sum()
+    loss.backward()
+def timed(fn, n=3):
+    fn(); t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+step_s = 64 * 50 / train
+gemm_s, head_s = timed(lambda: head_only(False)), timed(lambda: head_only(True))
 gen = Generator(TrainedModel(model.eval(), vocab))
 prime = "".join(vocab.chars[:20])
-out = {"vocab": V, "train": train}
+out = {"vocab": V, "train": train, "step_ms": step_s * 1000, "gemm_ms": gemm_s * 1000,
+       "ce_ms": max(head_s - gemm_s, 0.0) * 1000}
 for temperature in (0.0, 1.0):
     gen.generate(prime, 20, sampling=SamplingConfig(temperature), seed=1)
     t = time.perf_counter()
@@ -199,6 +216,13 @@ print(json.dumps(out))
 def bench_vocab(size: int, steps: int, chars: int) -> dict:
     result = run_measured([sys.executable, "-c", VOCAB_CODE, str(size), str(steps), str(chars), str(ALICE)])
     return json.loads(result["stdout"].strip().splitlines()[-1])
+
+
+def _prepare_row(label: str, r: dict) -> str:
+    """Wall time includes starting Python and PyTorch; CPU seconds (user + system, all
+    processes) say what the work costs whatever else the machine runs."""
+    return (f"| {label} | {r['mb']:,.0f} | {r['seconds']:.1f} | {r['mb'] / r['seconds']:,.1f} | {r['cpu']:.1f} | "
+            f"{r['mb'] / r['cpu']:,.1f} | {r['peak_mb']:,.0f} |")
 
 
 def head_share(vocab: int, units: int = 256, embedding: int = 64, layers: int = 2) -> float:
@@ -216,19 +240,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter measurements")
     parser.add_argument("--skip-1gb", action="store_true", help="no 1 GB corpus (sections 1b and 2)")
     parser.add_argument("--train-seconds", type=int, default=120, help="training-memory run length")
+    parser.add_argument("--prepare-only", action="store_true", help="section 1 only")
+    parser.add_argument("--vocab-only", action="store_true", help="section 4 only")
     args = parser.parse_args()
     if not GUTENBERG.is_dir():
         raise SystemExit(f"{GUTENBERG}: missing (set CHARLSTM_SHARED)")
     print(f"# scale benchmark, {cpu_name()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.vocab_only:
+        bench_vocab_section(args)
+        return
     with tempfile.TemporaryDirectory(prefix="charlstm-scale-") as tmp:
         tmp = Path(tmp)
         print("\n## 1. charlstm prepare\n")
-        print("| corpus | input MB | seconds | MB/s | peak RSS MB |")
-        print("|---|---:|---:|---:|---:|")
+        print("| corpus | input MB | seconds | MB/s | CPU seconds | MB per CPU second | peak RSS MB |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         small = bench_prepare([str(GUTENBERG)], tmp / "gutenberg")
-        print(f"| Gutenberg folder (420 books) | {small['mb']:,.0f} | {small['seconds']:.1f} | "
-              f"{small['mb'] / small['seconds']:,.1f} | {small['peak_mb']:,.0f} |", flush=True)
+        print(_prepare_row("Gutenberg folder (420 books)", small), flush=True)
         big_dir = tmp / "1gb"
         if not args.skip_1gb:
             links = tmp / "links"
@@ -236,11 +264,12 @@ def main() -> None:
             for i in range(COPIES_FOR_1GB):
                 (links / f"copy{i + 1}").symlink_to(GUTENBERG, target_is_directory=True)
             big = bench_prepare([str(links / f"copy{i + 1}") for i in range(COPIES_FOR_1GB)], big_dir)
-            print(f"| the folder x {COPIES_FOR_1GB} (symbolic links) | {big['mb']:,.0f} | {big['seconds']:.1f} | "
-                  f"{big['mb'] / big['seconds']:,.1f} | {big['peak_mb']:,.0f} |", flush=True)
+            print(_prepare_row(f"the folder x {COPIES_FOR_1GB} (symbolic links)", big), flush=True)
         print(f"\n{small['summary']}")
         print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
+        if args.prepare_only:
+            return
         if not args.skip_1gb:
             print(f"\n## 2. train --data on the 1 GB prepared corpus ({args.train_seconds} s, 2 x 256, 1 thread)\n")
             mem = bench_train_memory(big_dir, tmp / "train-1gb", args.train_seconds)
@@ -266,6 +295,10 @@ def main() -> None:
               f"{ms:.1f} ms per step")
         print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
+    bench_vocab_section(args)
+
+
+def bench_vocab_section(args) -> None:
     print("\n## 4. large vocabulary (2 x 256, bf16 training step 64 x 50, 1 thread; generation 1 stream, native)\n")
     train_steps, gen_chars = (3, 1000) if args.quick else (10, 4000)
     alice = bench_vocab(0, train_steps, gen_chars)
@@ -277,6 +310,10 @@ def main() -> None:
               f"{r['gen1']:,.0f} |")
     print(f"| ratio {alice['vocab']} / {big['vocab']:,} | | {alice['train'] / big['train']:.2f}x | "
           f"{alice['gen0'] / big['gen0']:.2f}x | {alice['gen1'] / big['gen1']:.2f}x |")
+    print("\n| vocabulary | training step ms | output layer GEMMs ms | fp32 cross-entropy ms |")
+    print("|---|---:|---:|---:|")
+    for r in (alice, big):
+        print(f"| {r['vocab']:,} symbols | {r['step_ms']:,.0f} | {r['gemm_ms']:,.0f} | {r['ce_ms']:,.0f} |")
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

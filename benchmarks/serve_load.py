@@ -75,6 +75,11 @@ class Server:
         while (line := self.proc.stdout.readline()) and line.strip() != "ready":
             pass
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -178,12 +183,15 @@ class Level:
     results: list[Result] = field(default_factory=list)
     chars_in_window: int = 0
     errors: int = 0
+    server_cpu_s: float = 0.0
 
     def row(self, base_chars_per_s: float | None) -> dict:
         firsts = sorted(r.first_char_s for r in self.results if r.first_char_s is not None)
         pct = lambda q: firsts[min(len(firsts) - 1, int(q * len(firsts)))] * 1000 if firsts else float("nan")  # noqa: E731
         cps = self.chars_in_window / self.seconds
         return {"clients": self.clients, "requests": len(self.results),
+                "server_cores": self.server_cpu_s / self.seconds,
+                "chars_per_cpu_s": self.chars_in_window / self.server_cpu_s if self.server_cpu_s else float("nan"),
                 "requests_per_s": len(self.results) / self.seconds, "ttfc_p50_ms": pct(0.50),
                 "ttfc_p99_ms": pct(0.99), "chars_per_s": cps,
                 "vs_one_client": cps / base_chars_per_s if base_chars_per_s else 1.0, "errors": self.errors}
@@ -192,6 +200,7 @@ class Level:
 async def run_level(server: Server, clients: int, seconds: float, max_tokens: int) -> Level:
     level = Level(clients, seconds)
     stop_at = time.perf_counter() + seconds
+    cpu_start = server.cpu_seconds()
 
     def count(n: int) -> None:
         if time.perf_counter() < stop_at:
@@ -217,6 +226,7 @@ async def run_level(server: Server, clients: int, seconds: float, max_tokens: in
             writer.close()
 
     await asyncio.gather(*(client(k) for k in range(clients)))
+    level.server_cpu_s = server.cpu_seconds() - cpu_start   # includes the finishing requests' tails
     return level
 
 
@@ -262,11 +272,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{args.max_tokens} characters per request, temperature 0.8, {args.seconds:g} s per level, "
           f"server --threads {args.threads}")
     print()
-    print("| clients | requests/s | p50 first char (ms) | p99 first char (ms) | chars/s | vs 1 client | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| clients | requests/s | p50 first char (ms) | p99 first char (ms) | chars/s | vs 1 client | errors "
+          "| server CPU (cores) | chars per server CPU-second |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['clients']} | {r['requests_per_s']:.1f} | {r['ttfc_p50_ms']:.1f} | {r['ttfc_p99_ms']:.1f} | "
-              f"{r['chars_per_s']:,.0f} | {r['vs_one_client']:.2f}x | {r['errors']} |")
+              f"{r['chars_per_s']:,.0f} | {r['vs_one_client']:.2f}x | {r['errors']} | {r['server_cores']:.2f} | "
+              f"{r['chars_per_cpu_s']:,.0f} |")
     return rows
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from charlstm.corpus import Corpus
+from charlstm.errors import CharLSTMError
 from charlstm.prepare import PrepareConfig, PreparedData, prepare
 from charlstm.train import fit
 from conftest import REPO
@@ -97,3 +99,19 @@ def test_ddp_with_weight_drop_and_variational_dropout_resumes_exactly(data_dir, 
         assert torch.equal(value, _weights(parts)[key]), key
     trained = load_file(str(whole))
     assert any(k.startswith("rank1.") for k in trained)  # rank 1's random generators are kept
+
+
+def test_huge_prepared_data_refuses_the_batchings_that_index_every_example(data_dir, tmp_path, monkeypatch):
+    train_module = importlib.import_module("charlstm.train")  # the package's `train` is the function
+    monkeypatch.setattr(train_module, "MAX_INDEXED_TEXT", 1000)
+    with pytest.raises(CharLSTMError, match="use --batching streams"):
+        fit(data=data_dir, preset="tutorial-small", output_dir=str(tmp_path), log=lambda *_: None, progress=False)
+
+
+def test_a_long_prepared_validation_text_is_scored_in_a_fixed_part(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("charlstm.train"), "PREPARED_VAL_CHARS", 1000)
+    lines = []
+    result = fit(data=data_dir, output_dir=str(tmp_path), log=lines.append, progress=False, layers=1, units=16,
+                 embedding_dim=8, batch_size=4, bptt=20, max_steps=1, eval_every=1, threads=1)
+    assert result.trained.training.data.val_characters == 1000
+    assert any("--val-chars N to change" in line for line in lines)

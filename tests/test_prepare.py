@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
 import shutil
 import subprocess
@@ -163,9 +165,17 @@ def test_chinese_text_end_to_end(tmp_path, capsys):
 
 
 def test_worker_processes_write_the_same_files(library, tmp_path, monkeypatch):
-    import charlstm.prepare as prepare_module
-
+    prepare_module = importlib.import_module("charlstm.prepare")  # the package's `prepare` is the function
     monkeypatch.setattr(prepare_module, "WORKER_MIN_BYTES", 0)  # the library is small: force the pool
+    pooled, real_workers = [], prepare_module._workers
+
+    @contextlib.contextmanager
+    def spy(*args):
+        with real_workers(*args) as pool:
+            pooled.append(pool is not None)
+            yield pool
+
+    monkeypatch.setattr(prepare_module, "_workers", spy)
     outputs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
@@ -175,3 +185,4 @@ def test_worker_processes_write_the_same_files(library, tmp_path, monkeypatch):
     assert np.array_equal(one.train_ids, two.train_ids) and np.array_equal(one.val_ids, two.val_ids)
     assert one.vocab == two.vocab and one.vocab.unknown_char == UNKNOWN_CHAR
     assert one.manifest["sources"] == two.manifest["sources"]
+    assert pooled == [False, True]  # in-process, then 2 worker processes

@@ -23,12 +23,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from charlstm import checkpoint
 from charlstm.batching import Engine, Stream, StreamSpec
+from charlstm.checkpoint import TrainedModel
 from charlstm.generate import Generator, SamplingConfig
+from charlstm.model import CharLSTM, ModelConfig
 from charlstm.serve import ServeConfig, create_app
 from charlstm.evaluate import evaluate_ids
+from charlstm.vocab import Vocab
 from serve_support import LiveServer, make_model
 
 warnings.filterwarnings("ignore", message=".*httpx.*", category=Warning)
@@ -505,3 +509,70 @@ def test_cli_refusals_are_one_line(tmp_path, checkpoint_file, capsys):
     done = subprocess.run([sys.executable, "-m", "charlstm", "serve", str(bad), "--port", "0"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2 and "bad.safetensors" in done.stderr and "Traceback" not in done.stderr
+
+
+# ----------------------------------------------------------------------------- hostile clients (issue 15)
+
+
+def test_live_a_crowd_gets_200_or_429_and_a_stalled_body_408(checkpoint_file):
+    """100 connections at once against 2 slots and 4 waiting places: each is answered, none
+    fails or hangs; a body that never finishes arriving is cut at the time limit."""
+    server = LiveServer(checkpoint_file, "--max-concurrent", "2", "--max-queue", "4", "--request-timeout", "5",
+                        "--max-length", "2000")
+    try:
+        async def one(http: httpx.AsyncClient, k: int) -> int:
+            r = await http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2000, "seed": k})
+            if r.status_code == 200:
+                assert r.json()["choices"][0]["finish_reason"] == "length"
+            else:
+                assert r.headers["retry-after"] == "1"
+            return r.status_code
+
+        async def crowd() -> list[int]:
+            limits = httpx.Limits(max_connections=200)
+            async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http:
+                return await asyncio.gather(*(one(http, k) for k in range(100)))
+
+        statuses = asyncio.run(crowd())
+        assert set(statuses) <= {200, 429} and statuses.count(200) >= 6 and 429 in statuses
+        assert server.wait_idle() == 0
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\":")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 5}, timeout=10)
+        assert r.status_code == 200
+    finally:
+        server.stop()
+
+
+def test_surrogates_and_huge_numbers_are_refused_not_crashed(client):
+    r = client.post("/v1/completions", content=b'{"prompt": "\\ud800abc"}')
+    assert r.status_code == 400 and "\\ud800" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", content=b'{"prompt": "a", "temperature": 1e999}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = client.post("/v1/completions", content=b'{"prompt": "a", "max_tokens": 1e999}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "x" * 5000: 1})
+    assert r.status_code == 400 and len(r.json()["error"]["param"]) <= 60
+
+
+def test_window_models_are_served_as_the_generator_runs_them(alice):
+    """A model trained on windows (the tutorial's, and imported Keras files) re-reads its last
+    ``window`` characters each step; the server batches rows whose windows are equally long."""
+    torch.manual_seed(3)
+    vocab = Vocab.from_text(alice)
+    config = ModelConfig(vocab_size=len(vocab), units=32, embedding_dim=8, target="last", window=20)
+    trained = TrainedModel(CharLSTM(config).eval(), vocab)
+    with TestClient(create_app(ServeConfig(), {"window": trained})) as c:
+        bodies = [{"prompt": PROMPT[:8 + i], "max_tokens": 60, "seed": i, "temperature": 0.7 + 0.1 * i,
+                   "logprobs": 1, "echo": i == 2} for i in range(4)]
+        alone = [completion(c, **b)["choices"][0] for b in bodies]
+        together = completion(c, prompt=[b["prompt"] for b in bodies[:2]], n=1, max_tokens=60, seed=0,
+                              temperature=0.7)["choices"]
+    gen = Generator(trained)
+    assert gen.resolve_mode("auto") == "window"
+    for i, b in enumerate(bodies):
+        expected = gen.generate(b["prompt"], 60, sampling=SamplingConfig(b["temperature"]), seed=i)
+        assert alone[i]["text"] == (b["prompt"] if b["echo"] else "") + expected
+    assert together[0]["text"] == alone[0]["text"]

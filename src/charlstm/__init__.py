@@ -32,13 +32,14 @@ from .errors import CharLSTMError
 from .evaluate import evaluate_ids
 from .generate import Generator, SamplingConfig, generate
 from .model import CharLSTM, ModelConfig
+from .prepare import PrepareConfig, PreparedData, prepare
 from .recipes import PRESETS, TrainConfig
 from .train import Trainer, fit, train
 from .vocab import Vocab
 
 __all__ = [
     "CharLSTM", "CharLSTMError", "Corpus", "Generator", "ModelConfig", "Normalization", "PRESETS",
-    "SamplingConfig", "TrainConfig", "TrainedModel", "Trainer", "Vocab", "evaluate_ids", "fit",
-    "generate", "load", "save", "train",
+    "PrepareConfig", "PreparedData", "SamplingConfig", "TrainConfig", "TrainedModel", "Trainer", "Vocab",
+    "evaluate_ids", "fit", "generate", "load", "save", "prepare", "train",
 ]
 __version__ = "0.1.0"

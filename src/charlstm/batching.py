@@ -32,10 +32,13 @@ import numpy as np
 import torch
 
 from .errors import CharLSTMError
+from .evaluate import one_cpu_thread
 from .generate import UNIFORM_BLOCK, BatchSampler, Generator, SamplingConfig, StopMatcher, stream_uniforms
 
 log = logging.getLogger("charlstm.serve")
 
+FLUSH_ROWS = 16             # streams per flush interval: bigger batches hand over less often
+PRIME_BUDGET = 512          # prompt characters read per loop iteration on a one-stream stepper
 FINISH_STOP = "stop"        # a stop string ended it
 FINISH_LENGTH = "length"    # max_tokens ended it
 FINISH_ABORT = "abort"      # the server ended it: its time limit, or shutting down
@@ -150,6 +153,16 @@ class _StatefulRows:
         self.capacity = 0
         self._feed = np.zeros(0, dtype=np.int64)
 
+    def prepare(self, max_rows: int) -> None:
+        """Build the stepper of every batch size now (the first build of a size may time the
+        ways to share a step across threads), so that no request waits for it."""
+        self._steppers.setdefault("primer", self._generator.stepper(1))
+        size = 1
+        while size <= _bucket(max_rows):
+            if size not in self._steppers:
+                self._steppers[size] = self._generator.stepper(size)
+            size *= 2
+
     def fit(self, keep: int, rows: int) -> None:
         """Make room for ``rows`` rows, keeping the state of rows ``0..keep-1``."""
         want = _bucket(rows)
@@ -191,6 +204,24 @@ class _StatefulRows:
         self._feed[:len(ids)] = ids
         return self.stepper.step(self._feed)[:len(ids)]
 
+    def prime(self, row: int, ids: Sequence[int], each: Callable[[np.ndarray, int], None] | None = None) -> None:
+        """Read ``ids`` into ``row`` from the zero state on a one-stream stepper (a joining
+        stream's prompt, without a batch step per character); ``each(logits, j)`` sees the
+        logits after ``ids[j]``. Rows are computed on their own, so this is the batch's arithmetic."""
+        primer = self._steppers.get("primer") or self._steppers.setdefault("primer", self._generator.stepper(1))
+        feed = np.zeros(1, dtype=np.int64)
+        zero = [(torch.zeros_like(h), torch.zeros_like(c)) for h, c in primer.state()]
+        primer.load_state(zero)
+        for j, i in enumerate(ids):
+            feed[0] = i
+            logits = primer.step(feed)
+            if each is not None:
+                each(logits, j)
+        state, primed = self.stepper.state(), primer.state()
+        for (h, c), (ph, pc) in zip(state, primed):
+            h[:, row], c[:, row] = ph[:, 0], pc[:, 0]
+        self.stepper.load_state(state)
+
 
 class _WindowRows:
     """Rows for models trained on windows (the tutorial's): each row keeps its last ``window``
@@ -221,10 +252,11 @@ class _WindowRows:
             del window[:-self.window]
             by_length.setdefault(len(window), []).append(row)
         logits = np.empty((len(ids), self.model.config.vocab_size), dtype=np.float32)
-        for rows in by_length.values():
-            batch = torch.tensor([self.rows[r] for r in rows], device=self.device)
-            out, _ = self.model(batch, last_only=True)
-            logits[rows] = out.float().cpu().numpy()
+        with one_cpu_thread(self.device):   # short sequences: a second thread only waits
+            for rows in by_length.values():
+                batch = torch.tensor([self.rows[r] for r in rows], device=self.device)
+                out, _ = self.model(batch, last_only=True)
+                logits[rows] = out.float().cpu().numpy()
         return logits
 
 
@@ -299,7 +331,7 @@ class Engine:
     def warm_up(self) -> None:
         """Build the step path now (the native kernel compiles on first use), not on a request."""
         if self.mode == "stateful":
-            self.generator.stepper(1)
+            self._rows_state.prepare(self.max_concurrent)
         self.generator.sampler([SamplingConfig(1.0)], [0])
 
     # ------------------------------------------------------------------ the loop
@@ -329,7 +361,6 @@ class Engine:
         for stream in everyone:
             if stream.finish_reason is None:
                 stream.finish_reason = reason
-        self._rows_state = type(self._rows_state)(self.generator)
         self._sampler = None
         self._flush(everyone)
 
@@ -346,7 +377,7 @@ class Engine:
         sampling = [r for r, s in enumerate(rows) if s.pos + 1 >= len(s.spec.prompt_ids)]
         chosen = self._pick(logits, rows) if sampling else None
         self._record(logits, rows, chosen)
-        self._flush_due(rows, force=any(s.finish_reason for s in rows))
+        self._flush_due(rows)
         self._drop_finished(now)
 
     def _drop_finished(self, now: float) -> None:
@@ -389,8 +420,28 @@ class Engine:
         with self._cond:
             self._rows.extend(fresh)
         self._rows_state.edit(list(range(keep, keep + len(fresh))), [])
+        if self.mode == "stateful":
+            self._prime(fresh, keep)
         self._sampler = None
         self.stats.peak_active = max(self.stats.peak_active, len(self._rows))
+
+    def _prime(self, fresh: list[Stream], first_row: int) -> None:
+        """Read the joining streams' prompts (all but their last character, which the batch
+        step reads) on the side, up to ``PRIME_BUDGET`` characters in all; the rest of a long
+        prompt is read through the batch, a character per step, so others never stall long."""
+        budget = PRIME_BUDGET
+        for row, s in enumerate(fresh, start=first_row):
+            n = min(len(s.spec.prompt_ids) - 1, budget)
+            if n <= 0:
+                continue
+            each = None
+            if s.spec.echo and s.spec.logprobs is not None:
+                def each(logits: np.ndarray, j: int, s: Stream = s) -> None:
+                    table = _log_probabilities(logits, [0], [s.spec.logprobs])[0]
+                    s.echo_logprobs.append(table(s.spec.prompt_ids[j + 1], self.chars))
+            self._rows_state.prime(row, s.spec.prompt_ids[:n], each)
+            s.pos = n
+            budget -= n
 
     def _pick(self, logits: np.ndarray, rows: list[Stream]) -> np.ndarray:
         if self._sampler is None:
@@ -442,12 +493,18 @@ class Engine:
             s.out_logprobs.extend([(self.chars[s.spec.prompt_ids[0]], None, None)] + s.echo_logprobs)
             s.echo_logprobs = []
 
-    def _flush_due(self, rows: list[Stream], force: bool) -> None:
+    def _flush_due(self, rows: list[Stream], force: bool = False) -> None:
+        """Hand over everyone's new text when the interval has passed (longer for bigger
+        batches: fewer, larger pieces when there is more to send); a first character or an
+        end goes at once, alone."""
         now = time.monotonic()
-        first = any(s.out_text and not s.started_output for s in rows)
-        if force or first or now - self._last_flush >= self.flush_interval:
+        if force or now - self._last_flush >= self.flush_interval * max(1.0, len(rows) / FLUSH_ROWS):
             self._flush(rows)
             self._last_flush = now
+            return
+        urgent = [s for s in rows if s.finish_reason is not None or (s.out_text and not s.started_output)]
+        if urgent:
+            self._flush(urgent)
 
     def _flush(self, streams: Sequence[Stream]) -> None:
         by_sink: dict[int, tuple[Sink, list[Piece]]] = {}

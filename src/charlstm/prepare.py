@@ -11,7 +11,9 @@ nothing but the per-code-point counts and one chunk is ever held. The output fol
 * ``manifest.json``: normalisation, encoding, split and every source with size and SHA-256.
 
 Cleaning is ``corpus.py``'s: the same normalisation as ``train --text``, Gutenberg header and
-footer found per file (searched in the file's first and last bytes for big files).
+footer found per file (searched in the file's first and last bytes for big files). One known
+difference: a Greek capital sigma on the edge of a 4 MB chunk is lowercased without the
+context that decides between final and medial sigma.
 """
 
 from __future__ import annotations
@@ -283,12 +285,15 @@ class _ChunkCleaner:
         # CR and LF bytes never occur inside a character of an ASCII-compatible encoding, so
         # line ends are fixed on the bytes, before decoding (bytes.replace is the fastest way)
         self.byte_newlines = _ascii_compatible(encoding)
+        self.byte_lower = norm.lowercase and codecs.lookup(encoding).name == "utf-8"
 
     def feed(self, raw: bytes, final: bool = False) -> np.ndarray:
         pending = self._pending_bytes()
         original = raw
         if self.byte_newlines:
             raw = self._byte_newlines(raw, final)
+        if self.byte_lower:
+            raw = raw.lower()  # A-Z only: in UTF-8 every byte of a non-ASCII character is >= 0x80
         try:
             text = self.decoder.decode(raw, final=final)
         except UnicodeDecodeError:
@@ -306,7 +311,7 @@ class _ChunkCleaner:
             if codes.dtype == np.uint8:  # ASCII stays ASCII under both
                 tables = tables.ascii
             if self.norm.lowercase:
-                codes = tables.lower[codes]
+                codes = self._lower(codes, tables)
             if self.norm.strip_punctuation:
                 codes = tables.punctuation_map[codes][tables.kept[codes]]
         if len(codes):
@@ -316,13 +321,28 @@ class _ChunkCleaner:
     def finish(self) -> np.ndarray:
         return self.feed(b"", final=True)
 
+    def _lower(self, codes: np.ndarray, tables: "CharTables") -> np.ndarray:
+        """Lowercase through the table; after ``bytes.lower`` only the non-ASCII characters
+        (few, in most texts) still need it."""
+        if not self.byte_lower:
+            return tables.lower[codes]
+        if codes.dtype == np.uint8:
+            return codes
+        high = np.flatnonzero(codes >= 128)
+        if len(high) == 0:
+            return codes
+        lowered = codes.copy()
+        lowered[high] = tables.lower[codes[high]]
+        return lowered
+
     def _byte_newlines(self, raw: bytes, final: bool) -> bytes:
         if self.held_cr:
             raw = b"\r" + raw
         self.held_cr = raw.endswith(b"\r") and not final
         if self.held_cr:
             raw = raw[:-1]
-        return raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        raw = raw.replace(b"\r\n", b"\n")
+        return raw.replace(b"\r", b"\n") if b"\r" in raw else raw
 
     def _error_offset(self, pending: bytes, original: bytes, final: bool) -> int:
         """The file offset of the first undecodable byte (the bytes decoded had CRs removed)."""

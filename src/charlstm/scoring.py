@@ -19,6 +19,7 @@ import torch
 from .baselines import Baseline, compressor_baselines
 from .checkpoint import TrainedModel
 from .errors import CharLSTMError
+from .evaluate import one_cpu_thread
 
 CHUNK = 512
 
@@ -71,7 +72,13 @@ def _next_char_logprobs(trained: TrainedModel, ids: torch.Tensor) -> np.ndarray:
     """(N-1, V) log-probabilities of the character after each of ids[:-1]."""
     model = trained.model
     device = model.head.weight.device
-    ids = ids.to(device)
+    with one_cpu_thread(device):   # reading a text is latency-bound: a second thread only waits
+        parts = _logits_after_each(model, ids.to(device))
+    logits = torch.cat(parts).float()
+    return torch.log_softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
+
+
+def _logits_after_each(model, ids: torch.Tensor) -> list[torch.Tensor]:
     parts = []
     if model.config.target == "all":
         state = None
@@ -86,5 +93,4 @@ def _next_char_logprobs(trained: TrainedModel, ids: torch.Tensor) -> np.ndarray:
             windows = ids.unfold(0, window, 1)[:len(ids) - window]
             for start in range(0, len(windows), CHUNK):
                 parts.append(model(windows[start:start + CHUNK], last_only=True)[0])
-    logits = torch.cat(parts).float()
-    return torch.log_softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
+    return parts

@@ -50,7 +50,6 @@ try:
 except ImportError:  # the optional extra: `pip install charlstm[serve]`
     Starlette = None
 
-API_PREFIX = "/v1/"
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "n", "seed",
                      "stream", "stream_options", "logprobs", "echo", "prime_unknown", "user",
                      "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "suffix"}
@@ -650,8 +649,10 @@ class _EventStream:
 
     async def _events(self) -> AsyncIterator[bytes]:
         choices = _Choices(len(self.job.streams), self.request.logprobs is not None)
+        # the head is the same in every chunk: encoded once, the choice spliced in
+        lead = b"data: " + json_bytes(dict(self.head, choices=[0]))[:-len(b"0]}")]
         async for pieces in self.job.pieces():
-            yield b"".join(_event(dict(self.head, choices=[choices.add(p)])) for p in pieces)
+            yield b"".join(lead + json_bytes(choices.add(p)) + b"]}\n\n" for p in pieces)
         if self.request.include_usage:
             yield _event(dict(self.head, choices=[], usage=_usage(self.request, choices.generated)))
         yield b"data: [DONE]\n\n"
@@ -858,7 +859,8 @@ def run_server(files: dict[str, Path], config: ServeConfig, out=sys.stdout) -> i
 
     app = create_app(config, loader=load, on_loaded=loaded)
     state: ServerState = app.state.charlstm
-    server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="on"), state)
+    server = _stopping_streams_first(uvicorn.Server)(
+        uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="on"), state)
     print(f"charlstm serve: {url_of(sock)} (loading {len(files)} model{'s' if len(files) != 1 else ''}; "
           "Ctrl-C stops)", file=out, flush=True)
     try:
@@ -869,17 +871,18 @@ def run_server(files: dict[str, Path], config: ServeConfig, out=sys.stdout) -> i
     return 2 if state.error else 0
 
 
-class _Server:
+def _stopping_streams_first(base: type) -> type:
     """uvicorn's server, but a stop signal first ends the open streams (each gets its final
     event and [DONE]) so that the graceful shutdown does not wait on them."""
 
-    def __new__(cls, config, state: ServerState):
-        import uvicorn
+    class Server(base):
+        def __init__(self, config, state: ServerState) -> None:
+            super().__init__(config)
+            self.charlstm_state = state
 
-        class Server(uvicorn.Server):
-            def handle_exit(self, sig, frame) -> None:
-                for served in state.models.values():
-                    served.engine.request_close()
-                super().handle_exit(sig, frame)
+        def handle_exit(self, sig, frame) -> None:
+            for served in self.charlstm_state.models.values():
+                served.engine.request_close()
+            super().handle_exit(sig, frame)
 
-        return Server(config)
+    return Server

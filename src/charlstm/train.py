@@ -56,6 +56,8 @@ from .vocab import Vocab
 
 BEST_NAME = "best.safetensors"
 RESUME_NAME = "last.safetensors"
+PREPARED_VAL_CHARS = 2_000_000  # --data's default validation part: every epoch scores it, one stream
+MAX_INDEXED_TEXT = 50_000_000  # windows and sentences index every example: 8 bytes each
 RANK_PREFIX = "rank"          # last.safetensors: the other ranks' random-generator states
 
 
@@ -174,6 +176,11 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
     def _make_batches(self) -> Batches:
         c, m = self.config, self.model.config
+        if self.dist.active and c.batching != "streams":
+            raise CharLSTMError("distributed training shards contiguous streams: use --batching streams")
+        if c.batching != "streams" and len(self.train_ids) > MAX_INDEXED_TEXT:
+            raise CharLSTMError(f"{len(self.train_ids):,} training characters: --batching {c.batching} keeps an "
+                                "index of every example in memory; use --batching streams for a corpus this big")
         if c.batching == "windows":
             if m.target != "last":
                 raise CharLSTMError("--batching windows trains one target per window: use --target last")
@@ -183,8 +190,6 @@ class Trainer:
         if m.target != "all":
             raise CharLSTMError(f"--batching {c.batching} needs a model that predicts every position: "
                                 f"use --target all")
-        if self.dist.active and c.batching != "streams":
-            raise CharLSTMError("distributed training shards contiguous streams: use --batching streams")
         if c.batching == "sentences":
             return self._sentence_batches()
         return StreamBatches(self.train_ids, c.batch_size, c.bptt, random_offset=c.random_offset, seed=c.seed,
@@ -699,6 +704,10 @@ def fit(corpus: Corpus | None = None, preset: str = "default", log: Callable[[st
         overrides.setdefault("val_fraction", None)
         if overrides["val_fraction"] is None:  # the prepared split decides; this only keeps checks consistent
             overrides["val_fraction"] = data.manifest.get("val_fraction", 0.0)
+        if overrides.get("val_chars") is None and len(data.val_ids) > PREPARED_VAL_CHARS:
+            overrides["val_chars"] = PREPARED_VAL_CHARS
+            log(f"validating on a fixed {PREPARED_VAL_CHARS:,}-character part of the {len(data.val_ids):,} "
+                "validation characters (--val-chars N to change, 0 for all)")
     vocab = data.vocab if data is not None else Vocab.from_text(corpus.text)
     model_config, train_config = preset_configs(preset, len(vocab), log=log,
                                                 train_chars=_training_chars(corpus, data, overrides), **overrides)
