@@ -54,12 +54,15 @@ def wait_for_torch(pid: int, timeout: float = 120.0) -> bool:
 
 
 def val_losses(out: Path) -> dict[int, float]:
-    """The validation loss of each epoch from ``metrics.jsonl`` (failing on a repeated epoch)."""
+    """The validation loss of each epoch of the folder's last run (its rows carry its run id;
+    a start killed before its first save left rows of a run nobody resumes), failing on an
+    epoch logged twice."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     losses: dict[int, float] = {}
-    for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        assert row["epoch"] not in losses, f"epoch {row['epoch']} logged twice"
-        losses[row["epoch"]] = row["val_loss"]
+    for row in rows:
+        if row.get("run_id") == rows[-1].get("run_id"):
+            assert row["epoch"] not in losses, f"epoch {row['epoch']} logged twice"
+            losses[row["epoch"]] = row["val_loss"]
     return losses
 
 
