@@ -489,7 +489,7 @@ class Trainer:
                              self.lr_at(pos.step, pos.elapsed), pos.step, batch)
         self.history.append(record)
         if self.dist.is_main:
-            self.metrics.append({"run_id": self.run_id, **record.to_row()})
+            self.metrics.append({**record.to_row(), "run_id": self.run_id})
         self.log(self._epoch_line(record))
         monitored = record.val_loss if self.config.monitor == "val_loss" else record.loss
         if pos.best is None or monitored < pos.best:
