@@ -87,6 +87,8 @@ class KillReport:
     stale_temporaries_left: int = 0
     errors: list[str] = field(default_factory=list)
     losses: dict[int, float] = field(default_factory=dict)
+    trials: int = 0          # runs that went to the end (through their kills)
+    trials_equal: int = 0    # ... whose validation losses equal the uninterrupted run's
 
 
 def _temporaries(out: Path) -> list[Path]:
@@ -107,46 +109,61 @@ def _wait_for_write(process: subprocess.Popen, out: Path, deadline: float) -> bo
 
 
 def kill_loop(text: Path, out: Path, epochs: int, kills: int, seed: int = 0, units: int = 128,
-              during_write_share: float = 0.4, max_delay: float = 6.0) -> KillReport:
-    """Kill -9 the run ``kills`` times, resuming after each, then let it finish."""
+              during_write_share: float = 0.4, max_delay: float = 6.0,
+              reference: dict[int, float] | None = None) -> KillReport:
+    """Kill -9 the run ``kills`` times, resuming after each; a run that finishes before the kills
+    are done is one completed trial (its losses checked against ``reference``), and the next
+    trial starts in a fresh folder."""
     rng = random.Random(seed)
     report = KillReport()
+    trial = 0
+    folder = out / f"trial-{trial}"
     while True:
-        resume = (out / "last.safetensors").is_file()
+        resume = (folder / "last.safetensors").is_file()
         report.starts += 1
         report.resumes += resume
         started = time.monotonic()
-        process = subprocess.Popen(train_command(text, out, epochs, units, resume=resume), env=child_env(),
+        process = subprocess.Popen(train_command(text, folder, epochs, units, resume=resume), env=child_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if report.kills >= kills:
             _, err = process.communicate(timeout=900)
+            report.resumes_ok += resume and process.returncode == 0
             if process.returncode != 0:
                 report.errors.append(f"final run exit {process.returncode}: {err.strip()[-300:]}")
-            report.resumes_ok += resume and process.returncode == 0
+            else:
+                _finish_trial(report, folder, reference)
             break
-        aim_at_write = rng.random() < during_write_share
-        if aim_at_write:
-            landed = _wait_for_write(process, out, started + 60)
+        if rng.random() < during_write_share:
+            landed = _wait_for_write(process, folder, started + 120)
         else:
             time.sleep(rng.uniform(0.05, max_delay))
-            landed = bool(_temporaries(out))
+            landed = bool(_temporaries(folder))
         if process.poll() is not None:  # it finished or failed before the kill
             _, err = process.communicate()
+            report.resumes_ok += resume and process.returncode == 0
             if process.returncode != 0:
                 report.errors.append(f"exit {process.returncode}: {err.strip()[-300:]}")
-            report.resumes_ok += resume and process.returncode == 0
-            if process.returncode == 0:
                 break
+            _finish_trial(report, folder, reference)
+            trial += 1
+            folder = out / f"trial-{trial}"
             continue
         killed_at = time.time()
         process.send_signal(signal.SIGKILL)
         _, err = process.communicate()
         report.kills += 1
         report.kills_during_writes += landed
-        last = out / "last.safetensors"
+        last = folder / "last.safetensors"
         saved_at = last.stat().st_mtime if last.is_file() else 0.0
         report.lost_seconds.append(killed_at - max(saved_at, killed_at - (time.monotonic() - started)))
         report.resumes_ok += resume and "Traceback" not in err and "error" not in err
-    report.stale_temporaries_left = len(_temporaries(out))
-    report.losses = val_losses(out)
+    report.stale_temporaries_left = len(_temporaries(folder))
+    report.losses = val_losses(folder)
     return report
+
+
+def _finish_trial(report: KillReport, folder: Path, reference: dict[int, float] | None) -> None:
+    report.trials += 1
+    report.stale_temporaries_left += len(_temporaries(folder))
+    if reference is not None and val_losses(folder) == reference:
+        report.trials_equal += 1
