@@ -17,7 +17,7 @@ from .fileio import NAME_MAX, writable_target
 
 MAX_THREADS = 1024            # far above any CPU here; OpenMP crashes (exit 139) somewhere below 10^5
 MAX_SEED = 2**64 - 1          # what torch.manual_seed and NumPy's generators accept
-MIN_TEMPERATURE = 1e-6        # below this 1/T overflows; 0 means greedy
+MIN_TEMPERATURE = 1e-300      # 1/T of anything smaller may overflow to inf (1e-320 did); 0 means greedy
 MAX_TEMPERATURE = 100.0
 
 
@@ -57,10 +57,13 @@ def check_seed(value: int | None, name: str = "seed") -> None:
 
 
 def check_temperature(value, name: str = "temperature") -> None:
+    """0 (greedy) to 100; a positive value too small to divide by samples as greedy does."""
     check_float(name, value, 0.0, MAX_TEMPERATURE)
-    if 0 < value < MIN_TEMPERATURE:
-        raise CharLSTMError(f"{option(name)} {value:g} is too small to divide by: use 0 for greedy, "
-                            f"or at least {MIN_TEMPERATURE:g}")
+
+
+def inverse_temperature(value: float) -> float:
+    """1/T without overflow: below ``MIN_TEMPERATURE`` every T gives the argmax anyway."""
+    return 1.0 / max(value, MIN_TEMPERATURE)
 
 
 def check_device(name: str):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .checkpoint import TrainedModel
-from .checks import check_float, check_int, check_temperature
+from .checks import check_float, check_int, check_temperature, inverse_temperature
 from .errors import CharLSTMError
 from .fast_step import LeanWeights, Stepper, check_backend, lean_supported, make_stepper
 from .native import NativeSampler, native_library
@@ -112,7 +112,7 @@ class _Group:
     @classmethod
     def of(cls, samplings: Sequence[SamplingConfig], rows: list[int]) -> "_Group":
         return cls(np.array(rows, dtype=np.int64), len(rows) == len(samplings),
-                   np.array([1.0 / samplings[i].temperature for i in rows], dtype=np.float64),
+                   np.array([inverse_temperature(samplings[i].temperature) for i in rows], dtype=np.float64),
                    np.array([min(samplings[i].top_k, MAX_TOP_K) for i in rows], dtype=np.int64),
                    np.array([samplings[i].top_p for i in rows], dtype=np.float64))
 
