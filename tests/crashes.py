@@ -99,13 +99,18 @@ def _temporaries(out: Path) -> list[Path]:
         return []
 
 
-def _wait_for_write(process: subprocess.Popen, out: Path, deadline: float) -> bool:
-    """Poll until a checkpoint's temporary file exists (then the kill lands mid-write)."""
+def _wait_for_write(process: subprocess.Popen, out: Path, deadline: float, prefix: str = ".") -> bool:
+    """Poll until a checkpoint's temporary file (``prefix``: whose) exists: the kill lands mid-write."""
     while time.monotonic() < deadline and process.poll() is None:
-        if _temporaries(out):
+        if any(p.name.startswith(prefix) for p in _temporaries(out)):
             return True
         time.sleep(0.0005)
     return False
+
+
+def _wait_for_file(process: subprocess.Popen, path: Path, deadline: float) -> None:
+    while time.monotonic() < deadline and process.poll() is None and not path.is_file():
+        time.sleep(0.01)
 
 
 def kill_loop(text: Path, out: Path, epochs: int, kills: int, seed: int = 0, units: int = 128,
@@ -133,10 +138,13 @@ def kill_loop(text: Path, out: Path, epochs: int, kills: int, seed: int = 0, uni
             else:
                 _finish_trial(report, folder, reference)
             break
+        # kills land after the run's first save (so most restarts are resumes): mid-write of
+        # last.safetensors on purpose, or at a random moment of the next save interval
+        _wait_for_file(process, folder / "last.safetensors", started + 300)
         if rng.random() < during_write_share:
-            landed = _wait_for_write(process, folder, started + 120)
+            landed = _wait_for_write(process, folder, started + 300, prefix=".last.safetensors.")
         else:
-            time.sleep(rng.uniform(0.05, max_delay))
+            time.sleep(rng.uniform(0.0, max_delay))
             landed = bool(_temporaries(folder))
         if process.poll() is not None:  # it finished or failed before the kill
             _, err = process.communicate()
