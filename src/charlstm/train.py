@@ -39,7 +39,7 @@ from .corpus import Corpus
 from .data import (IGNORE_INDEX, Batches, SentenceBatches, StatefulWindowBatches, StreamBatches, WindowBatches,
                    fixed_sample, split_train_val)
 from .distributed import Distributed
-from .checks import check_memory, check_output_dir, training_bytes
+from .checks import check_device, check_memory, check_output_dir, training_bytes
 from .errors import CharLSTMError
 from .evaluate import LN2, compressor_baselines_for, score_after
 from .evaluate import evaluate_ids  # noqa: F401  (re-exported from its former home)
