@@ -153,6 +153,16 @@ class _StatefulRows:
         self.capacity = 0
         self._feed = np.zeros(0, dtype=np.int64)
 
+    def prepare(self, max_rows: int) -> None:
+        """Build the stepper of every batch size now (the first build of a size may time the
+        ways to share a step across threads), so that no request waits for it."""
+        self._steppers.setdefault("primer", self._generator.stepper(1))
+        size = 1
+        while size <= _bucket(max_rows):
+            if size not in self._steppers:
+                self._steppers[size] = self._generator.stepper(size)
+            size *= 2
+
     def fit(self, keep: int, rows: int) -> None:
         """Make room for ``rows`` rows, keeping the state of rows ``0..keep-1``."""
         want = _bucket(rows)
@@ -321,7 +331,7 @@ class Engine:
     def warm_up(self) -> None:
         """Build the step path now (the native kernel compiles on first use), not on a request."""
         if self.mode == "stateful":
-            self.generator.stepper(1)
+            self._rows_state.prepare(self.max_concurrent)
         self.generator.sampler([SamplingConfig(1.0)], [0])
 
     # ------------------------------------------------------------------ the loop
@@ -351,7 +361,6 @@ class Engine:
         for stream in everyone:
             if stream.finish_reason is None:
                 stream.finish_reason = reason
-        self._rows_state = type(self._rows_state)(self.generator)
         self._sampler = None
         self._flush(everyone)
 
