@@ -92,7 +92,10 @@ def _rewrite(path, mutate_meta=None, mutate_tensors=None):
         mutate_meta(meta)
     if mutate_tensors:
         mutate_tensors(tensors)
-    save_file(tensors, str(path), metadata={"charlstm": json.dumps(meta)})
+    # a crafted file carries a valid checksum: the checks behind it must hold on their own
+    text = json.dumps(meta)
+    save_file(tensors, str(path), metadata={"charlstm": text,
+                                            checkpoint.CHECKSUM_KEY: checkpoint.content_checksum(text, tensors)})
 
 
 def test_wrong_shape_is_refused(tmp_path):

@@ -8,6 +8,24 @@ Five lines in a notebook::
     print(generate(model, length=200))
 """
 
+import os as _os
+import signal as _signal
+import sys as _sys
+import threading as _threading
+
+
+def _quiet_start() -> None:
+    """Ctrl-C while the command's imports load (torch takes a while) ends it quietly, status 130 as
+    the shell reports it, instead of a traceback; ``cli.main`` turns Ctrl-C back into
+    KeyboardInterrupt once it can handle it. Only when charlstm is the program being run."""
+    argv0 = _sys.argv[0] if _sys.argv else ""
+    if (argv0 == "-m" or _os.path.basename(argv0) == "charlstm") and \
+            _threading.current_thread() is _threading.main_thread():
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+
+
+_quiet_start()
+
 from .checkpoint import TrainedModel, load, save
 from .corpus import Corpus, Normalization
 from .errors import CharLSTMError

@@ -52,6 +52,8 @@ def versus_best(bits_per_char: float, baselines: list[Baseline]) -> str:
     if not baselines:
         return ""
     best = baselines[0]
+    if best.bits_per_char <= 0:  # a text of one repeated character: no percentage to give
+        return f"{best.name} needs {best.bits_per_char:.3f} bits/char"
     change = (best.bits_per_char - bits_per_char) / best.bits_per_char * 100
     verb = "beats" if change >= 0 else "behind"
     return f"{verb} {best.name} by {abs(change):.1f}%"

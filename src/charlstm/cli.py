@@ -6,9 +6,11 @@ Every mistake a user can make ends in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import random
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -18,11 +20,13 @@ from . import checkpoint
 from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization, check_encoding
 from .data import split_train_val
 from .dynamic_eval import DynamicConfig, dynamic_evaluate
+from .checks import (check_device, check_float, check_int, check_output_dir, check_output_file, check_seed,
+                     check_threads)
 from .errors import CharLSTMError
 from .evaluate import LN2, score_text
 from .fast_step import BACKENDS
 from .finetune import resolve_init
-from .generate import MODES, Generator, SamplingConfig
+from .generate import MAX_LENGTH, MAX_STREAMS, MODES, Generator, SamplingConfig
 from .keras_import import CHECK_CHARS, KERAS_ACTIVATIONS, ImportOptions, TextReading, import_keras, keras_stem
 from .metrics import plot_run
 from .distributed import Distributed
@@ -30,11 +34,16 @@ from .model import INPUTS, TARGETS
 from .native import PRECISIONS as STEP_PRECISIONS
 from .prepare import PrepareConfig, PreparedData, prepare
 from .recipes import (BATCHINGS, MONITORS, OPTIMIZERS, OPTION_NAMES, PRECISIONS, PRESETS, SCHEDULES,
-                      option_help)
+                      option_help, preset_configs)
 from .train import fit
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143   # 128 + SIGTERM, what a shell reports for a terminated job
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (which handles it like Ctrl-C): stop now, quietly."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,6 +164,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     option("device")
     option("precision", choices=PRECISIONS)
     option("threads", type=int)
+    option("keep", type=int, metavar="N")
+    option("ignore_lock", action="store_true", default=None)
     g.add_argument("--resume", type=Path, metavar="CHECKPOINT",
                    help="continue from a checkpoint: last.safetensors exactly, any other one as fine-tuning")
     g.add_argument("--init", metavar="english|CHECKPOINT",
@@ -348,11 +359,44 @@ def corpus_from_args(args: argparse.Namespace) -> Corpus:
         raise CharLSTMError("give either --text or --gutenberg, not both")
     if args.text:
         return Corpus.from_files(args.text, norm, encoding=args.encoding)
-    return Corpus.gutenberg(args.gutenberg or DEFAULT_BOOK, norm, mirror=args.mirror,
+    return Corpus.gutenberg(DEFAULT_BOOK if args.gutenberg is None else args.gutenberg, norm, mirror=args.mirror,
                             cache_dir=args.cache_dir, offline=args.offline, encoding=args.encoding)
 
 
+def prepare_training(args: argparse.Namespace) -> dict:
+    """Everything that can be checked before the text is read: every option's range, the
+    checkpoint template, the output folder (created, proven writable), and for ``run`` the
+    generation options. Returns the training overrides."""
+    overrides = {name: value for name, value in vars(args).items() if name in OPTION_NAMES}
+    if args.resume is None and args.init is None:
+        preset_configs(args.preset, 2, **overrides)  # validates both configs with these values
+    else:
+        check_seed(args.seed)
+        check_threads(args.threads)
+    if hasattr(args, "temperature"):  # charlstm run generates afterwards
+        check_generation_args(args)
+    if args.output_dir is not None or args.resume is None:
+        check_output_dir(args.output_dir or "checkpoints")
+    return overrides
+
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    """The generation options, before a model is loaded or trained (a batch is one allocation)."""
+    check_int("length", args.length, 0, MAX_LENGTH)
+    streams = len(args.temperature) * args.num_samples
+    if streams > MAX_STREAMS:
+        raise CharLSTMError(f"{len(args.temperature)} temperatures x --num-samples {args.num_samples} is "
+                            f"{streams:,} streams; at most {MAX_STREAMS} are generated at once")
+    for temperature in args.temperature:
+        SamplingConfig(temperature, args.top_k, args.top_p).validate()
+    if any(not stop for stop in args.stop):
+        raise CharLSTMError("--stop must not be empty")
+    check_seed(args.gen_seed, "seed")
+    check_threads(getattr(args, "threads", None), allow_zero=False)
+
+
 def _train(args: argparse.Namespace):
+    prepare_training(args)
     if args.init is not None:
         resolve_init(args.init)  # a missing model is reported before the text is read
     data, resume = getattr(args, "data", None), None
@@ -378,9 +422,14 @@ def _train(args: argparse.Namespace):
     return result
 
 
+def _exit_status(result) -> int:
+    if not result.interrupted:
+        return 0
+    return EXIT_TERMINATED if result.stop_signal == signal.SIGTERM else EXIT_INTERRUPTED
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    result = _train(args)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    return _exit_status(_train(args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -389,7 +438,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CharLSTMError("training stopped before the first checkpoint; nothing to generate from")
     _print_generation(Generator(result.trained, device=result.trained.model.head.weight.device,
                                 backend=args.backend), args)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    return _exit_status(result)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -407,6 +456,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_generation_args(args)
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     trained = checkpoint.load(args.checkpoint, device=args.device)
@@ -457,6 +508,8 @@ def _write_flushed(text: str) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     dynamic = DynamicConfig(lr=args.dynamic_lr, segment=args.dynamic_segment, decay=args.dynamic_decay)
     dynamic.validate()
+    check_threads(args.threads, allow_zero=False)
+    check_float("val_fraction", args.val_fraction, 0.0, 1.0, high_open=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     trained = checkpoint.load(args.checkpoint)
@@ -465,6 +518,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     corpus = corpus_from_args(args)
     ids = trained.vocab.encode(corpus.text, unknown=args.unknown)
     context, scored = split_train_val(ids, args.val_fraction) if args.val_fraction else (ids[:0], ids)
+    _check_scorable(trained, context, scored, args)
     score = score_text(trained.model, trained.vocab, context, scored)
     where = f"the last {args.val_fraction:.0%} of the text" if args.val_fraction else "the whole text"
     print(f"scored: {score.characters:,} characters ({where})")
@@ -479,6 +533,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"lr {dynamic.lr:g}, segment {dynamic.segment}, decay {dynamic.decay:g}): "
               f"{gain:.1%} fewer nats/char than static")
     return 0
+
+
+def _check_scorable(trained: checkpoint.TrainedModel, context, scored, args: argparse.Namespace) -> None:
+    """A score needs characters to score: an empty selection would report 0 nats/char."""
+    window = trained.config.window if trained.config.target == "last" else 1
+    available = len(scored) - max(0, window - len(context))
+    if available < 1:
+        what = (f"--val-fraction {args.val_fraction:g} selects {len(scored)} characters"
+                if args.val_fraction else f"the text has {len(scored)} characters the model knows")
+        need = f" (a window model needs more than its window of {window})" if window > 1 else ""
+        raise CharLSTMError(f"nothing to score: {what}{need}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -501,7 +566,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    print(f"wrote {plot_run(args.run_dir, args.output)}")
+    print(f"wrote {plot_run(args.run_dir, args.output)}")  # the name really written (.png added, say)
     return 0
 
 
@@ -512,8 +577,9 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
     options = ImportOptions(reading=reading, window=args.window, activation=args.activation,
                             recurrent_activation=args.recurrent_activation, seed=args.seed,
                             check_chars=0 if args.no_check else CHECK_CHARS)
+    output = check_output_file(args.output if args.output is not None
+                               else Path(keras_stem(args.keras_file.name) + checkpoint.SUFFIX), "import-keras -o")
     result = import_keras(args.keras_file, args.text, options)
-    output = args.output or Path(keras_stem(args.keras_file.name) + checkpoint.SUFFIX)
     checkpoint.save(output, result.trained)
     print(result.description)
     for note in result.notes:
@@ -528,14 +594,81 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command line: one line on stderr and status 2 for anything a user can cause,
+    130 after Ctrl-C, 143 after SIGTERM; never a traceback."""
+    previous = _prepare_process()
     try:
-        return args.func(args)
+        args = build_parser().parse_args(argv)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except CharLSTMError as err:
-        print(f"charlstm: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(str(err))
+    except Terminated:
+        print("\nterminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader went away (| head): nothing left to say
+        _silence_stdout()
         return 0
+    except MemoryError:
+        return _fail("out of memory: try a smaller model, batch or --num-samples")
+    except OSError as err:
+        _silence_stdout()
+        where = f"{err.filename}: " if err.filename else "writing the output: " if err.errno in _WRITE_ERRORS else ""
+        return _fail(f"{where}{err.strerror or err}")
+    except RuntimeError as err:
+        if "alloc" in str(err).lower() or "out of memory" in str(err).lower():
+            return _fail(f"out of memory ({str(err).splitlines()[0][:160]})")
+        raise
+    finally:
+        for signum, handler in previous.items():  # main() called from Python leaves no trace
+            signal.signal(signum, handler)
+
+
+_WRITE_ERRORS = (errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT, errno.EPIPE)
+
+
+def _fail(message: str) -> int:
+    print(f"charlstm: error: {' '.join(message.split(chr(10)))}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _prepare_process() -> dict:
+    """Streams that cannot fail on a character (a C locale or PYTHONIOENCODING=ascii escapes
+    what it cannot encode), a closed stdout treated as /dev/null, SIGTERM as a quiet stop."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    if not threading_is_main():
+        return {}
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+    if previous[signal.SIGINT] == signal.SIG_DFL:  # __init__ made start-up quiet; now Ctrl-C is handled
+        previous[signal.SIGINT] = signal.default_int_handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+    return {k: v for k, v in previous.items() if v is not None}
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _silence_stdout() -> None:
+    """After a failed write, point stdout at /dev/null so the exit flush fails no more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
+import stat
 import time
 import unicodedata
 import urllib.error
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .checks import check_no_nul
 from .errors import CharLSTMError
 from .fileio import atomic_write_bytes, user_cache_dir
 
@@ -111,17 +113,42 @@ class Corpus:
         return len(self.text)
 
 
+def check_input_file(path: Path, what: str = "file") -> os.stat_result:
+    """A regular file that exists and can be opened; one clear line for everything else (a
+    folder, a FIFO that would block, a symlink loop, no permission, an over-long name)."""
+    check_no_nul(path, "file")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise CharLSTMError(f"{path}: no such file") from None
+    except OSError as err:
+        raise CharLSTMError(f"{path}: cannot read this {what} ({err.strerror or err})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise CharLSTMError(f"{path}: is a folder, not a {what}")
+    if not stat.S_ISREG(info.st_mode):
+        raise CharLSTMError(f"{path}: not a regular file (a FIFO, device or socket); give a {what}")
+    if not os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise CharLSTMError(f"{path}: no permission to read this {what}")
+    return info
+
+
 def read_text_bytes(path: Path) -> bytes:
-    """The bytes of a text file, refusing missing, empty and oversized files."""
+    """The bytes of a text file, refusing missing, empty and oversized files (also one that
+    grows past the limit or vanishes while it is read)."""
     path = Path(path)
-    if not path.is_file():
-        raise CharLSTMError(f"{path}: no such file")
-    size = path.stat().st_size
-    if size == 0:
+    info = check_input_file(path, "file")
+    if info.st_size > MAX_TEXT_BYTES:
+        raise CharLSTMError(f"{path}: {info.st_size} bytes is more than the 2 GiB a text may have")
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_TEXT_BYTES + 1)
+    except OSError as err:
+        raise CharLSTMError(f"{path}: cannot read this text file ({err.strerror or err})") from None
+    if len(raw) > MAX_TEXT_BYTES:
+        raise CharLSTMError(f"{path}: more than the 2 GiB a text may have (it grew while being read)")
+    if not raw:
         raise CharLSTMError(f"{path}: the file is empty")
-    if size > MAX_TEXT_BYTES:
-        raise CharLSTMError(f"{path}: {size} bytes is more than the 2 GiB a text may have")
-    return path.read_bytes()
+    return raw
 
 
 def check_encoding(encoding: str) -> str:
@@ -132,10 +159,12 @@ def check_encoding(encoding: str) -> str:
         raise CharLSTMError(f"--encoding {encoding}: unknown encoding (try utf-8, cp1252, latin-1, utf-16)") from None
 
 
-def refuse_binary(path: Path | str, head: bytes, encoding: str = "utf-8") -> None:
-    """NUL bytes near the start mean a binary file (except in UTF-16/32, where they are normal)."""
-    if b"\x00" in head[:65536] and not codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
-        raise CharLSTMError(f"{path}: looks like a binary file (it contains NUL bytes), not text")
+def refuse_binary(path: Path | str, data: bytes, encoding: str = "utf-8") -> None:
+    """NUL bytes anywhere in ``data`` mean a binary file (except in UTF-16/32, where they are
+    normal): a NUL after the first 64 KiB would otherwise be trained on as text."""
+    nul = data.find(b"\x00")
+    if nul >= 0 and not codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
+        raise CharLSTMError(f"{path}: looks like a binary file (a NUL byte at offset {nul:,}), not text")
 
 
 def undecodable(path: Path | str, encoding: str, offset: int) -> CharLSTMError:

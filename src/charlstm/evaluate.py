@@ -20,6 +20,8 @@ LN2 = math.log(2.0)
 BASELINE_CONTEXT = 8_000_000  # context characters the compressors see before the scored text
 BASELINE_SCORED = 2_000_000   # scored characters they compress (all of it for books)
 
+WINDOW_EVAL_FLOATS = 1 << 26  # bound on one evaluation chunk's activations
+
 
 @dataclass
 class TextScore:
@@ -105,6 +107,8 @@ def _window_losses(model: CharLSTM, full: torch.Tensor, first: int, chunk: int) 
     window = model.config.window
     positions = torch.arange(max(first, window), len(full), device=full.device)
     windows = full.unfold(0, window, 1)  # row i = full[i:i+window]
+    # a chunk's gate activations (windows x window x 4 units floats) stay under ~256 MB
+    chunk = max(1, min(chunk, WINDOW_EVAL_FLOATS // (window * 4 * model.config.units)))
     total = 0.0
     for part in positions.split(chunk):
         logits, _ = model(windows[part - window], last_only=True)

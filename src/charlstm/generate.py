@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .checkpoint import TrainedModel
+from .checks import check_float, check_int, check_temperature, inverse_temperature
 from .errors import CharLSTMError
 from .fast_step import LeanWeights, Stepper, check_backend, lean_supported, make_stepper
 from .native import NativeSampler, native_library
@@ -35,14 +36,9 @@ from .native import NativeSampler, native_library
 MODES = ("auto", "stateful", "window")
 MAX_LENGTH = 10_000_000
 MAX_STREAMS = 4096
-MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 2**31               # any top-k at or above the vocabulary size (at most 65535) keeps all
 UNIFORM_BLOCK = 256            # steps of random numbers drawn at once
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def check_temperature(value: float, option: str = "--temperature") -> None:
-    if not 0.0 <= value <= MAX_TEMPERATURE:
-        raise CharLSTMError(f"{option} must be in [0, {MAX_TEMPERATURE:g}], not {value}")
 
 
 @dataclass(frozen=True)
@@ -53,10 +49,8 @@ class SamplingConfig:
 
     def validate(self) -> None:
         check_temperature(self.temperature)
-        if self.top_k < 0:
-            raise CharLSTMError(f"--top-k must not be negative, not {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise CharLSTMError(f"--top-p must be in (0, 1], not {self.top_p}")
+        check_int("top_k", self.top_k, 0, None)  # above the vocabulary size it keeps everything
+        check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -118,8 +112,8 @@ class _Group:
     @classmethod
     def of(cls, samplings: Sequence[SamplingConfig], rows: list[int]) -> "_Group":
         return cls(np.array(rows, dtype=np.int64), len(rows) == len(samplings),
-                   np.array([1.0 / samplings[i].temperature for i in rows], dtype=np.float64),
-                   np.array([samplings[i].top_k for i in rows], dtype=np.int64),
+                   np.array([inverse_temperature(samplings[i].temperature) for i in rows], dtype=np.float64),
+                   np.array([min(samplings[i].top_k, MAX_TOP_K) for i in rows], dtype=np.int64),
                    np.array([samplings[i].top_p for i in rows], dtype=np.float64))
 
 

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from .checkpoint import TrainedModel, seed_windows
-from .corpus import Normalization, read_text_bytes, strip_gutenberg_boilerplate, undecodable
+from .corpus import (Normalization, check_input_file, read_text_bytes, strip_gutenberg_boilerplate,
+                     undecodable)
 from .errors import CharLSTMError
 from .model import CharLSTM, ModelConfig
 from .records import KerasRecord, TrainingRecord
@@ -50,6 +51,7 @@ MAX_WEIGHT_ELEMENTS = 1 << 28             # per tensor; refuses absurd shapes be
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_ARCHIVE_WEIGHTS_BYTES = 2 * 1024**3
 CHECK_CHARS = 256                         # characters scored after import as a sanity check
+CHECK_BUDGET = CHECK_CHARS * DEFAULT_WINDOW  # window steps that check may cost
 UTF8_BOM = "\ufeff"
 BYTES_BOM = "\xef\xbb\xbf"                # the UTF-8 BOM read byte by byte
 SUPPORTED_LAYERS = ("LSTM", "Dropout", "Dense", "Activation", "InputLayer")
@@ -168,8 +170,7 @@ class KerasNetwork:
 def read_keras_file(path: str | Path) -> KerasNetwork:
     """Parse a Keras checkpoint file into layers with weights (NumPy float32 arrays)."""
     path = Path(path)
-    if not path.is_file():
-        raise CharLSTMError(f"{path}: no such file")
+    check_input_file(path, "Keras file")
     h5py = _h5py()
     with ExitStack() as stack:
         if h5py.is_hdf5(str(path)):
@@ -213,7 +214,7 @@ def _read_hdf5(handle, path: Path) -> KerasNetwork:
             return _keras2_weights_only(handle, path, version)
         if _keras3_layers_group(handle) is not None:
             return _keras3_network(handle, path, None, "3", "Keras 3 .weights.h5 weights-only save")
-    except (KeyError, ValueError, TypeError, OSError, RuntimeError) as err:
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, OSError, RuntimeError) as err:
         raise CharLSTMError(f"{path}: unreadable Keras file ({err})") from None
     raise CharLSTMError(
         f"{path}: an HDF5 file, but not a Keras model (no model_config or layer_names attribute, "
@@ -403,7 +404,7 @@ def _keras3_network(handle, path: Path, config: dict | None, version: str, file_
         layers = [KerasLayer(kind, str(cfg.get("name", container)), cfg,
                              _keras3_layer_weights(root, kind, container, path))
                   for kind, container, cfg in specs]
-    except (KeyError, ValueError, TypeError, OSError, RuntimeError) as err:
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, OSError, RuntimeError) as err:
         raise CharLSTMError(f"{path}: unreadable Keras 3 weights ({err})") from None
     return KerasNetwork(layers, file_format, version, window, has_config=config is not None)
 
@@ -717,8 +718,12 @@ class ImportResult:
 def import_keras(path: str | Path, text_path: str | Path, options: ImportOptions = ImportOptions()) -> ImportResult:
     """Read a Keras checkpoint and its training text; return a native charlstm model."""
     path, text_path = Path(path), Path(text_path)
-    network = read_keras_file(path)
-    imported = build_model(network, options, path)
+    try:
+        network = read_keras_file(path)
+        imported = build_model(network, options, path)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
+        # a config of the wrong shape (a string where Keras writes an object, say)
+        raise CharLSTMError(f"{path}: malformed Keras model config ({type(err).__name__}: {err})") from None
     config = imported.model.config
     text, raw = read_training_text(text_path, options.reading)
     vocab = vocab_for_model(text_path, text, raw, options.reading, config.vocab_size)
@@ -779,7 +784,8 @@ def epoch_and_loss_from_name(name: str) -> dict:
 def _check_loss(model: CharLSTM, ids: np.ndarray, count: int) -> tuple[float, int]:
     """Nats/char on ``count`` characters from the middle of the text: a wrong vocabulary shows."""
     window = model.config.window
-    count = min(count, len(ids) - window - 1)
+    # each scored character re-reads its window: a huge --window gets fewer checked characters
+    count = min(count, len(ids) - window - 1, max(1, CHECK_BUDGET // window))
     start = max(0, (len(ids) - window - count) // 2)
     context, scored = ids[start:start + window], ids[start + window:start + window + count]
     return score_after(model, context, scored), len(scored)

@@ -7,12 +7,14 @@ import math
 from dataclasses import dataclass, fields
 from typing import Callable
 
+from .checkpoint import check_template
+from .checks import check_device, check_float, check_int, check_seed, check_temperature, check_threads
 from .data import check_val_fraction
 from .errors import CharLSTMError
-from .generate import check_temperature
 from .model import ModelConfig, knob
 
 UNLIMITED_EPOCHS = 1_000_000
+DEFAULT_KEEP = 3              # weights-improvement files charlstm's own recipe keeps (tutorial presets: all)
 
 
 OPTIMIZERS = ("adam", "adamw")
@@ -59,36 +61,47 @@ class TrainConfig:
     eval_every: int = knob(0, "also validate (and keep the best) every N steps (0 = per epoch only)")
     save_every: int = knob(0, "also write last.safetensors every N steps (0 = per epoch only)")
     max_steps: int = knob(0, "stop after N optimiser steps in all, resumably, as the first Ctrl-C does (0 = no limit)")
+    keep: int = knob(0, "keep the newest N weights-improvement files; best and last always stay (0 = all, as "
+                        f"Keras; the default recipe keeps {DEFAULT_KEEP})")
+    ignore_lock: bool = knob(False, "train into an output folder that another training is using")
 
     def validate(self) -> None:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "bptt": self.bptt,
-                    "sample_length": self.sample_length}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise CharLSTMError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise CharLSTMError(f"--lr must be positive, not {self.lr}")
+        """Every value in range and finite (a NaN --clip or --weight-decay trains to a NaN model),
+        the device present and the checkpoint template able to name files: all before any work."""
+        for name in ("epochs", "batch_size", "bptt", "sample_length"):
+            check_int(name, getattr(self, name), 1, UNLIMITED_EPOCHS if name == "epochs" else 10**9)
+        for name in ("warmup_steps", "patience", "sample_every", "keep", "val_chars", "eval_every", "save_every",
+                     "max_steps"):
+            check_int(name, getattr(self, name), 0, 10**12)
+        check_float("lr", self.lr, 0.0, 1e3, low_open=True)
+        check_float("weight_decay", self.weight_decay, 0.0, 1e3)
+        check_float("clip", self.clip, 0.0, 1e9)
+        check_float("final_lr_fraction", self.final_lr_fraction, 0.0, 1.0)
+        check_float("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
+        check_val_fraction(self.val_fraction)
+        if self.time_budget is not None:
+            check_float("time_budget", self.time_budget, 0.0, 1e9, low_open=True)
+        check_seed(self.seed)
+        check_threads(self.threads)
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "batching": BATCHINGS, "monitor": MONITORS,
                    "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise CharLSTMError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        check_val_fraction(self.val_fraction)
-        if self.time_budget is not None and not self.time_budget > 0:
-            raise CharLSTMError(f"--time-budget must be positive seconds, not {self.time_budget}")
-        non_negative = {"clip": self.clip, "warmup_steps": self.warmup_steps, "patience": self.patience,
-                        "weight_decay": self.weight_decay, "threads": self.threads,
-                        "sample_every": self.sample_every, "val_chars": self.val_chars,
-                        "eval_every": self.eval_every, "save_every": self.save_every, "max_steps": self.max_steps}
-        for name, value in non_negative.items():
-            if value < 0:
-                raise CharLSTMError(f"--{name.replace('_', '-')} must not be negative, not {value}")
-        if not 0.0 <= self.final_lr_fraction <= 1.0:
-            raise CharLSTMError(f"--final-lr-fraction must be in [0, 1], not {self.final_lr_fraction}")
-        if not self.sample_temperatures:
+        for name in ("stateful", "random_offset", "ignore_lock"):
+            if not isinstance(getattr(self, name), bool):
+                raise CharLSTMError(f"--{name.replace('_', '-')} must be true or false")
+        if not isinstance(self.sample_temperatures, tuple) or not self.sample_temperatures:
             raise CharLSTMError("--sample-temperatures must name at least one temperature, e.g. 0.2,0.5,1.0")
         for temperature in self.sample_temperatures:
             check_temperature(temperature, "--sample-temperatures")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise CharLSTMError("-o must name a folder")
+        if not isinstance(self.checkpoint_template, str):
+            raise CharLSTMError("--checkpoint-template must be text")
+        check_template(self.checkpoint_template)
+        if self.device != "auto":
+            check_device(self.device)
         if self.monitor == "val_loss" and self.val_fraction == 0:
             raise CharLSTMError("--monitor val_loss needs validation text: set --val-fraction above 0")
         if self.stateful and self.batching != "windows":
@@ -104,9 +117,12 @@ class TrainConfig:
         """A config stored in a checkpoint (unknown keys from other versions are ignored)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        if "sample_temperatures" in values:
+        if isinstance(values.get("sample_temperatures"), list):
             values["sample_temperatures"] = tuple(values["sample_temperatures"])
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise CharLSTMError(f"the checkpoint's training settings are malformed ({err})") from None
 
 
 _TUTORIAL_MODEL = dict(input="scaled", layers=1, units=256, dropout=0.2, target="last", window=100)
@@ -125,7 +141,7 @@ PRESETS: dict[str, tuple[dict, dict]] = {
              weight_drop=0.4, target="all", window=100),
         dict(epochs=50, batch_size=64, lr=8e-3, weight_decay=0.1, optimizer="adamw", schedule="cosine",
              warmup_steps=50, clip=1.0, batching="streams", bptt=50, random_offset=True, monitor="val_loss",
-             patience=20),
+             patience=20, keep=DEFAULT_KEEP),
     ),
 }
 

@@ -45,6 +45,7 @@ class Position:
     targets: int = 0
     epoch_seconds: float = 0.0
     best_path: str | None = None
+    improvements: list[str] = field(default_factory=list)  # weights-improvement files written, oldest first
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,16 +66,18 @@ class ResumeRecord:
     fingerprint: str | None = None  # hash of the encoded text, to warn when it changed
     world_size: int = 1           # processes of the run (DDP)
     ranks: list[dict] = field(default_factory=list)  # ranks 1..: their generators' JSON and loss sums
+    run_id: str | None = None     # the run's id in its metrics rows; a resumed run keeps it
 
     def to_json(self) -> dict:
         return {"position": self.position.to_dict(), "optimizer": self.optimizer, "rng": self.rng,
-                "fingerprint": self.fingerprint, "world_size": self.world_size, "ranks": self.ranks}
+                "fingerprint": self.fingerprint, "world_size": self.world_size, "ranks": self.ranks,
+                "run_id": self.run_id}
 
     @classmethod
     def from_json(cls, data: dict) -> "ResumeRecord":
         return cls(Position.from_dict(_mapping(data.get("position", {}))), _mapping(data.get("optimizer", {})),
                    _mapping(data.get("rng", {})), data.get("fingerprint"), int(data.get("world_size", 1)),
-                   [_mapping(r) for r in data.get("ranks", [])])
+                   [_mapping(r) for r in data.get("ranks", [])], data.get("run_id"))
 
 
 @dataclass

@@ -21,6 +21,7 @@ import math
 import signal
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,9 +39,11 @@ from .corpus import Corpus
 from .data import (IGNORE_INDEX, Batches, SentenceBatches, StatefulWindowBatches, StreamBatches, WindowBatches,
                    fixed_sample, split_train_val)
 from .distributed import Distributed
+from .checks import check_device, check_memory, check_output_dir, training_bytes
 from .errors import CharLSTMError
 from .evaluate import LN2, compressor_baselines_for, score_after
 from .evaluate import evaluate_ids  # noqa: F401  (re-exported from its former home)
+from .fileio import RunLock, remove_stale_temporaries
 from .finetune import load_init
 from .metrics import MetricsLog
 from .prepare import PreparedData
@@ -70,19 +73,12 @@ class TrainResult:
     interrupted: bool = False
     resume_path: Path | None = None
     baselines: list[Baseline] = field(default_factory=list)
+    stop_signal: int | None = None   # the signal that stopped the run (SIGINT or SIGTERM), if one did
 
 
 def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise CharLSTMError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise CharLSTMError("--device cuda: no CUDA GPU is available here")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise CharLSTMError("--device mps: Apple MPS is not available here")
-        return device
+        return check_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -170,6 +166,9 @@ class Trainer:
             prepared=str(data.directory) if data else None)
         self.seed_windows = seed_windows(vocab, self.train_ids, model.config.window, config.seed)
         self._stop_requested = self._time_up = False
+        self.stop_signal: int | None = None
+        self.run_id = uuid.uuid4().hex[:12]   # in every metrics row; a resumed run keeps it
+        self._resumed = False
         self.eval_seconds: float | None = None  # the last evaluation's time: the budget keeps it in reserve
         self._session_start = time.perf_counter()
         self._session_elapsed0 = 0.0
@@ -261,15 +260,18 @@ class Trainer:
         self.history = list(trained.training.history)
         self.init = trained.training.init or self.init
         self.baselines = list(trained.training.baselines)
+        self.run_id = record.run_id or self.run_id
+        self._resumed = True
         if record.fingerprint != self.data_info.fingerprint:
             self.log("warning: this text differs from the one the checkpoint was trained on; "
                      "training continues, but not as an exact continuation")
         self.log(f"resuming {source}: epoch {self.position.epoch}, batch {self.position.batch}, "
                  f"step {self.position.step}")
 
-    def request_stop(self) -> None:
-        """Stop cleanly after the current batch (what the first Ctrl-C does)."""
+    def request_stop(self, signum: int | None = None) -> None:
+        """Stop cleanly after the current batch (what the first Ctrl-C or SIGTERM does)."""
         self._stop_requested = True
+        self.stop_signal = signum
 
     # ---------------------------------------------------------------- schedule
     def elapsed(self) -> float:
@@ -315,6 +317,19 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
+        """Train under the output folder's lock (one training per folder; a killed run's lock
+        dies with it), after removing the temporary files a killed run left there."""
+        if not self.dist.is_main:  # rank 0 alone writes, so it alone holds the folder
+            return self._fit_locked()
+        check_output_dir(self.output_dir)
+        with RunLock(self.output_dir, self.run_id).acquire(force=self.config.ignore_lock):
+            for stale in remove_stale_temporaries(self.output_dir):
+                self.log(f"removed {stale.name}, left by a run that was killed while writing")
+            if self._resumed:  # rows a killed session logged after its last save are about to be redone
+                self.metrics.forget(self.run_id, after_step=self.position.step)
+            return self._fit_locked()
+
+    def _fit_locked(self) -> TrainResult:
         """Train until the epochs, the time budget, ``patience`` or Ctrl-C end the run."""
         # 1. say what is trained; the compressors' score on the validation text; start the clock
         for line in self.summary_lines():
@@ -354,6 +369,7 @@ class Trainer:
                 self.log(f"\ninterrupted; the last good checkpoint is kept: {kept}")
         # 6. hand back the best model
         result.history = self.history
+        result.stop_signal = self.stop_signal
         result.best_path = Path(self.position.best_path) if self.position.best_path else None
         result.trained = self._trained_model()
         self.dist.barrier()  # rank 0 has written the best checkpoint
@@ -418,6 +434,8 @@ class Trainer:
             logits, state = self.ddp(x, state, last_only=last_only)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
+        if not torch.isfinite(loss):
+            self._diverged(f"the training loss became {loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.clip:
@@ -439,6 +457,13 @@ class Trainer:
         if c.save_every and step % c.save_every == 0 and mid_epoch:
             self._save_resume()
 
+    def _diverged(self, what: str) -> None:
+        """A NaN or infinite loss: stop, and never save the broken weights as anything."""
+        pos = self.position
+        kept = self.position.best_path or "none was saved yet"
+        raise CharLSTMError(f"{what} at epoch {pos.epoch}, batch {pos.batch + 1}: training stopped; the last "
+                            f"good checkpoint is kept ({kept}); try a lower --lr or a --clip")
+
     def _end_epoch(self) -> EpochRecord:
         """Evaluate, log, keep the checkpoint if it improved, print samples; then move on."""
         pos = self.position
@@ -455,6 +480,8 @@ class Trainer:
         row, a log line, and the checkpoint when the monitored loss improved."""
         pos = self.position
         val_loss = self.evaluate() if len(self.val_ids) else None
+        if val_loss is not None and not math.isfinite(val_loss):
+            self._diverged(f"the validation loss became {val_loss}")
         pos.elapsed = self.elapsed()
         loss_sum, targets = self.dist.sum([pos.loss_sum, pos.targets], self.device)
         record = EpochRecord(pos.epoch, loss_sum / max(targets, 1), val_loss,
@@ -462,7 +489,7 @@ class Trainer:
                              self.lr_at(pos.step, pos.elapsed), pos.step, batch)
         self.history.append(record)
         if self.dist.is_main:
-            self.metrics.append(record.to_row())
+            self.metrics.append({**record.to_row(), "run_id": self.run_id})
         self.log(self._epoch_line(record))
         monitored = record.val_loss if self.config.monitor == "val_loss" else record.loss
         if pos.best is None or monitored < pos.best:
@@ -545,7 +572,23 @@ class Trainer:
         trained = self._trained_model()
         path = checkpoint.save(self.output_dir / name, trained)
         checkpoint.save(self.output_dir / BEST_NAME, trained)
+        self._retain(path)
         return path
+
+    def _retain(self, newest: Path) -> None:
+        """Keep the newest ``--keep N`` improvement files of this run (0 = all, as Keras); say what goes."""
+        kept = [p for p in self.position.improvements if p != str(newest)] + [str(newest)]
+        keep = self.config.keep
+        while keep and len(kept) > keep:
+            old = Path(kept.pop(0))
+            try:
+                old.unlink()
+                self.log(f"removed {old.name} (--keep {keep}: the newest {keep} improvements, best and last stay)")
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                self.log(f"warning: could not remove {old} ({err.strerror})")
+        self.position.improvements = kept
 
     def _save_resume(self) -> Path:
         """``last.safetensors``: weights plus everything an exact resume needs. Under DDP every
@@ -566,7 +609,8 @@ class Trainer:
             extra.update({f"{RANK_PREFIX}{rank}.{k}": v for k, v in tensors.items()})
             ranks.append({"rng": meta, "loss_sum": sums[0], "targets": sums[1]})
         resume = ResumeRecord(replace(self.position), optim_meta, rng_meta, self.data_info.fingerprint,
-                              world_size=self.dist.world_size, ranks=ranks)
+                              world_size=self.dist.world_size, ranks=ranks,
+                              run_id=self.run_id)
         return checkpoint.save(path, self._trained_model(extra, resume))
 
     def _restore_rank_state(self, trained: TrainedModel, record: ResumeRecord) -> None:
@@ -588,9 +632,13 @@ class Trainer:
         self.position.loss_sum, self.position.targets = rank_record["loss_sum"], int(rank_record["targets"])
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
 def _stop_on_first_interrupt(trainer: Trainer):
-    """First Ctrl-C: finish the batch, save the resume checkpoint, stop. Second: stop at once."""
+    """First Ctrl-C or SIGTERM: finish the batch, save the resume checkpoint, stop. A second
+    signal: stop at once (the last completed checkpoint stays)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -598,14 +646,15 @@ def _stop_on_first_interrupt(trainer: Trainer):
     def handler(signum, frame):
         if trainer._stop_requested:
             raise KeyboardInterrupt
-        trainer.request_stop()
+        trainer.request_stop(signum)
         trainer.log("\nstopping after this batch (Ctrl-C again to stop at once)")
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def train(
@@ -664,6 +713,7 @@ def fit(corpus: Corpus | None = None, preset: str = "default", log: Callable[[st
                                                 train_chars=_training_chars(corpus, data, overrides), **overrides)
     ids, val_ids = (data.train_ids, data.val_ids) if data is not None else (vocab.encode(corpus.text), None)
     _check_length(ids, model_config, train_config, prepared=data is not None)
+    _check_memory(model_config, train_config)
     torch.manual_seed(train_config.seed)
     model = CharLSTM(model_config)
     trainer = Trainer(model, vocab, ids, train_config, corpus=corpus, log=log, progress=progress,
@@ -738,6 +788,14 @@ def _with_regularisation(model: CharLSTM, model_over: dict) -> CharLSTM:
     new = CharLSTM(replace(model.config, **model_over))
     new.load_state_dict(model.state_dict())
     return new
+
+
+def _check_memory(model_config: ModelConfig, train_config: TrainConfig) -> None:
+    """Refuse a model whose training would not fit in memory, before allocating it."""
+    steps = model_config.window if train_config.batching != "streams" else train_config.bptt
+    check_memory(training_bytes(checkpoint.parameter_count(model_config), train_config.batch_size, steps,
+                                model_config.units, model_config.layers, model_config.vocab_size),
+                 f"training {model_config.layers} x {model_config.units} units")
 
 
 def _check_length(ids: np.ndarray, model_config: ModelConfig, train_config: TrainConfig,

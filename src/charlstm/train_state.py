@@ -8,6 +8,7 @@ back is checked against the model it is restored into.
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -46,6 +47,7 @@ def unpack_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.
     saved_groups = meta.get("param_groups", [])
     if [len(g.get("params", [])) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
         raise CharLSTMError("the checkpoint's optimiser state does not match this model's parameters")
+    groups = [_checked_group(saved, current) for saved, current in zip(saved_groups, optimizer.param_groups)]
     per_param: dict[int, dict] = {}
     for key, tensor in tensors.items():
         if not key.startswith(OPTIM_PREFIX):
@@ -54,11 +56,38 @@ def unpack_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.
         if not index_text.isdigit() or int(index_text) >= len(params):
             raise CharLSTMError(f"optimiser state {key!r} names no parameter of this model")
         index = int(index_text)
-        if tensor.dim() and tensor.shape != params[index].shape:
-            raise CharLSTMError(f"optimiser state {key} has shape {tuple(tensor.shape)}, "
-                                f"the parameter has {tuple(params[index].shape)}")
+        if (tensor.dim() and tensor.shape != params[index].shape) or not tensor.is_floating_point():
+            raise CharLSTMError(f"optimiser state {key} is a {tensor.dtype} of shape {tuple(tensor.shape)}, "
+                                f"the parameter a float of shape {tuple(params[index].shape)}")
         per_param.setdefault(index, {})[name] = tensor.to(params[index].device)
-    optimizer.load_state_dict({"state": per_param, "param_groups": saved_groups})
+    try:
+        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise CharLSTMError(f"the checkpoint's optimiser state does not load ({err})") from None
+
+
+def _checked_group(saved: dict, current: dict) -> dict:
+    """A saved parameter group with every setting of the type this optimiser uses (a string
+    learning rate would only fail at the first step, mid-run)."""
+    group = {"params": saved["params"]}
+    for key, now in current.items():
+        if key == "params":
+            continue
+        value = saved.get(key, now)
+        if isinstance(now, bool) or now is None or isinstance(now, str):
+            ok = type(value) is type(now)
+        elif isinstance(now, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif isinstance(now, (tuple, list)):
+            ok = (isinstance(value, (tuple, list)) and len(value) == len(now)
+                  and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value))
+            value = tuple(value) if ok else value
+        else:
+            ok, value = True, now
+        if not ok:
+            raise CharLSTMError(f"the checkpoint's optimiser setting {key} is {value!r}, not a valid value")
+        group[key] = value
+    return group
 
 
 # ----------------------------------------------------------------------- random generators
@@ -83,6 +112,14 @@ def pack_rng() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Set the generators to the saved states; a malformed state is one clear error."""
+    try:
+        _restore_rng(tensors, meta)
+    except (ValueError, TypeError, KeyError, RuntimeError, OverflowError, IndexError) as err:
+        raise CharLSTMError(f"the checkpoint's random-generator states are malformed ({err})") from None
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     if RNG_TORCH in tensors:
         state = tensors[RNG_TORCH]
         if state.dtype != torch.uint8 or state.dim() != 1:
@@ -126,7 +163,7 @@ def unpack_carry(tensors: dict[str, torch.Tensor], layers: int, batch_size: int,
         pair = []
         for part in ("h", "c"):
             tensor = tensors.get(f"{CARRY_PREFIX}{layer}.{part}")
-            if tensor is None or tuple(tensor.shape) != (1, batch_size, units):
+            if tensor is None or tuple(tensor.shape) != (1, batch_size, units) or not tensor.is_floating_point():
                 raise CharLSTMError(f"the checkpoint's carried state does not fit {layers} layers of "
                                     f"{units} units and batch size {batch_size}: resume with the same "
                                     f"--batch-size")

@@ -94,7 +94,10 @@ class Vocab:
 
     @classmethod
     def from_json(cls, data: str | list | dict) -> "Vocab":
-        data = json.loads(data) if isinstance(data, str) else data
+        try:
+            data = json.loads(data) if isinstance(data, str) else data
+        except (json.JSONDecodeError, RecursionError):
+            raise CharLSTMError("the stored vocabulary is not valid JSON") from None
         unknown = None
         if isinstance(data, dict):
             data, unknown = data.get("chars"), data.get("unknown")
