@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--never-reading", type=int, default=20)
     parser.add_argument("--disconnecting", type=int, default=50)
     parser.add_argument("--crowd", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat everything: memory that keeps growing round after round would be a leak")
     args = parser.parse_args(argv)
     tally = Tally()
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,12 +193,15 @@ def main(argv: list[str] | None = None) -> dict:
             asyncio.run(_warm(server))
             rss_before = server.rss_mib()
             start = time.monotonic()
-            asyncio.run(hostile(server, tally, args.never_reading, args.disconnecting, args.crowd))
-            deadline = time.monotonic() + 15
-            while (h := health(server))["active"] + h["waiting"] and time.monotonic() < deadline:
-                time.sleep(0.1)
-            asyncio.run(_warm(server))
-            rss_after = server.rss_mib()
+            rss_rounds = []
+            for _ in range(args.rounds):
+                asyncio.run(hostile(server, tally, args.never_reading, args.disconnecting, args.crowd))
+                deadline = time.monotonic() + 15
+                while (h := health(server))["active"] + h["waiting"] and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                asyncio.run(_warm(server))
+                rss_rounds.append(server.rss_mib())
+            rss_after = rss_rounds[-1]
             seconds = time.monotonic() - start
             final = health(server)
         finally:
@@ -204,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"requests_sent": tally.sent, "answered_by_class": tally.by_class(),
               "statuses": {str(k): v for k, v in sorted(tally.statuses.items(), key=str)},
               "unexpected": tally.unexpected, "active_after": final["active"], "waiting_after": final["waiting"],
-              "rss_before_mib": rss_before, "rss_after_mib": rss_after, "seconds": seconds, "exit_status": code}
+              "rss_before_mib": rss_before, "rss_after_mib": rss_after, "rss_after_each_round_mib": rss_rounds,
+              "seconds": seconds, "exit_status": code}
     print("## charlstm serve under hostile clients")
     print(f"requests sent: {tally.sent} in {seconds:.1f} s")
     print("answered: " + ", ".join(f"{k} {v}" for k, v in report["answered_by_class"].items())
@@ -213,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"not as expected: {len(tally.unexpected)}" + "".join(f"\n  {u}" for u in tally.unexpected[:20]))
     print(f"after: {final['active']} active, {final['waiting']} waiting streams; the server exited {code} on SIGINT")
     print(f"server RSS: {rss_before:.1f} MiB before, {rss_after:.1f} MiB after "
-          f"({rss_after - rss_before:+.1f} MiB)")
+          f"({rss_after - rss_before:+.1f} MiB); after each of the {args.rounds} rounds: "
+          + ", ".join(f"{r:.1f}" for r in rss_rounds) + " MiB")
     return report
 
 

@@ -227,12 +227,9 @@ def checkpoint_bytes(data: bytes) -> str:
 
 
 def cleanup() -> None:
-    for path in FOLDER.rglob("*"):
-        if path.is_file():
-            path.unlink()
-    for path in sorted(FOLDER.rglob("*"), reverse=True):
-        path.rmdir()
-    FOLDER.rmdir() if FOLDER.exists() else None
+    import shutil
+
+    shutil.rmtree(FOLDER, ignore_errors=True)
 
 
 def describe(outcomes: Counter | None = None) -> list[tuple[str, str, int]]:

@@ -13,6 +13,7 @@ import httpx
 import torch
 
 from charlstm.checkpoint import TrainedModel
+from charlstm.evaluate import one_cpu_thread
 from charlstm.model import CharLSTM, ModelConfig
 from charlstm.records import BestEpoch, EpochRecord, TrainingRecord
 from charlstm.vocab import Vocab
@@ -27,16 +28,8 @@ def make_model(text: str, units: int = 48, seed: int = 0, train_steps: int = 0) 
     vocab = Vocab.from_text(text)
     model = CharLSTM(ModelConfig(vocab_size=len(vocab), units=units, embedding_dim=16, dropout=0.0))
     if train_steps:
-        ids = torch.from_numpy(vocab.encode(text).astype("int64"))
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        for _ in range(train_steps):
-            starts = torch.randint(0, len(ids) - 65, (32,))
-            batch = torch.stack([ids[s:s + 65] for s in starts.tolist()])
-            logits, _ = model(batch[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        with one_cpu_thread(torch.device("cpu")):   # tiny batches: a second thread only waits
+            _train_briefly(model, torch.from_numpy(vocab.encode(text).astype("int64")), train_steps)
     model.eval()
     history = [EpochRecord(epoch=1, loss=2.0, val_loss=1.5, chars_per_s=0.0, elapsed=0.0, lr=0.0)]
     return TrainedModel(model, vocab, training=TrainingRecord(history=history, epoch=1, best=BestEpoch.of(history)))
@@ -72,3 +65,15 @@ class LiveServer:
         while self.active() and time.monotonic() < deadline:
             time.sleep(0.02)
         return self.active()
+
+
+def _train_briefly(model: CharLSTM, ids: torch.Tensor, steps: int) -> None:
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (32,))
+        batch = torch.stack([ids[s:s + 65] for s in starts.tolist()])
+        logits, _ = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()

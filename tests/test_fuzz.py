@@ -12,7 +12,8 @@ import fuzzing
 
 @pytest.fixture(scope="module")
 def targets(small_text):
-    return fuzzing.target_tests(small_text)
+    yield fuzzing.target_tests(small_text)
+    fuzzing.cleanup()  # the scratch folder the targets write their cases into
 
 
 @pytest.mark.parametrize("name", ["corpus bytes", "prime and stop strings", "generate options", "train options",

@@ -27,7 +27,7 @@ def page_checkpoint(tmp_path_factory, small_text) -> Path:
     if given:
         return Path(given)
     path = tmp_path_factory.mktemp("page") / "alice.safetensors"
-    checkpoint.save(path, make_model(small_text.read_text(encoding="utf-8"), units=64, train_steps=150))
+    checkpoint.save(path, make_model(small_text.read_text(encoding="utf-8"), units=64, train_steps=100))
     return path
 
 
