@@ -36,7 +36,10 @@ def test_page_generates_tints_stops_and_scores(page_checkpoint, tmp_path, small_
     from playwright.sync_api import sync_playwright
 
     shots = Path(os.environ.get("CHARLSTM_SCREENSHOTS") or tmp_path)
-    server = LiveServer(page_checkpoint, "--max-length", "100000")
+    # the model's own one-step module path (same probabilities, a few thousand characters/s): the
+    # native kernel writes this tiny model at ~100,000 characters/s per stream on a quiet machine,
+    # which ends the long generation before Stop is pressed and floods the page with text
+    server = LiveServer(page_checkpoint, "--max-length", "100000", "--backend", "module")
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
