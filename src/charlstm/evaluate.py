@@ -86,16 +86,23 @@ def evaluate_ids(model: CharLSTM, ids: np.ndarray, context: np.ndarray | None = 
     return total / max(n_scored, 1)
 
 
+def stream_logits(model: CharLSTM, ids: torch.Tensor, chunk: int):
+    """Read ``ids`` left to right once with the state carried, ``chunk`` at a time: yields
+    ``(start, logits)`` with the logits of ids[start + 1:start + 1 + len(logits)]."""
+    state = None
+    for start in range(0, len(ids) - 1, chunk):
+        logits, state = model(ids[start:min(start + chunk, len(ids) - 1)][None], state)
+        yield start, logits[0]
+
+
 @torch.no_grad()
 def _stream_losses(model: CharLSTM, full: torch.Tensor, first: int, chunk: int) -> tuple[float, int]:
     """Sum of losses of full[max(first, 1):], reading ``full`` once with the state carried."""
-    total, state = 0.0, None
-    for start in range(0, len(full) - 1, chunk):
-        x = full[start:start + chunk][None]
-        y = full[start + 1:start + chunk + 1][None]
-        logits, state = model(x[:, :y.shape[1]], state)
-        losses = F.cross_entropy(logits.float()[0], y[0], reduction="none")
-        scored = torch.arange(start + 1, start + 1 + y.shape[1], device=full.device) >= max(first, 1)
+    total = 0.0
+    for start, logits in stream_logits(model, full, chunk):
+        y = full[start + 1:start + 1 + len(logits)]
+        losses = F.cross_entropy(logits.float(), y, reduction="none")
+        scored = torch.arange(start + 1, start + 1 + len(y), device=full.device) >= max(first, 1)
         total += losses[scored].sum().item()
     return total, len(full) - max(first, 1)
 

@@ -19,7 +19,7 @@ import torch
 from .baselines import Baseline, compressor_baselines
 from .checkpoint import TrainedModel
 from .errors import CharLSTMError
-from .evaluate import one_cpu_thread
+from .evaluate import one_cpu_thread, stream_logits
 
 CHUNK = 512
 
@@ -81,10 +81,7 @@ def _next_char_logprobs(trained: TrainedModel, ids: torch.Tensor) -> np.ndarray:
 def _logits_after_each(model, ids: torch.Tensor) -> list[torch.Tensor]:
     parts = []
     if model.config.target == "all":
-        state = None
-        for start in range(0, len(ids) - 1, CHUNK):
-            logits, state = model(ids[start:min(start + CHUNK, len(ids) - 1)][None], state)
-            parts.append(logits[0])
+        parts = [logits for _, logits in stream_logits(model, ids, CHUNK)]
     else:
         window = model.config.window
         for end in range(1, min(window, len(ids))):        # the first windows are shorter
