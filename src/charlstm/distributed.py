@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -81,14 +82,23 @@ class Distributed:
         dist.all_reduce(t)
         return t.tolist()
 
-    def agree(self, stop: bool, main_only: list[float], device: torch.device) -> tuple[bool, list[float]]:
-        """One small all-reduce per step: stop if any rank asks to; ``main_only`` values (the
-        learning rate, rank 0's clock) are taken from rank 0 so every rank does the same."""
+    def agree_later(self, stop: bool, main_only: list[float], device: torch.device
+                    ) -> Callable[[], tuple[bool, list[float]]]:
+        """Stop if any rank asks to; ``main_only`` values (the learning rate, rank 0's clock) are
+        taken from rank 0 so every rank does the same. Started now, finished when the returned
+        function is called: the small all-reduce runs in gloo's thread while this rank computes
+        a step, instead of making the ranks wait for each other once more per step."""
         if not self.active:
-            return stop, main_only
-        mine = [float(stop)] + [v if self.is_main else 0.0 for v in main_only]
-        summed = self.sum(mine, device)
-        return summed[0] > 0, summed[1:]
+            return lambda: (stop, list(main_only))
+        mine = torch.tensor([float(stop)] + [v if self.is_main else 0.0 for v in main_only], dtype=torch.float64,
+                            device=device)
+        work = dist.all_reduce(mine, async_op=True)
+
+        def result() -> tuple[bool, list[float]]:
+            work.wait()
+            summed = mine.tolist()
+            return summed[0] > 0, summed[1:]
+        return result
 
     def gather(self, obj) -> list | None:
         """Every rank's ``obj`` on rank 0 (None elsewhere); a collective every rank must call."""

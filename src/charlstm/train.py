@@ -398,13 +398,16 @@ class Trainer:
         state = self.carry if (carried and pos.batch) else None
         bar = tqdm(total=len(self.batches), initial=pos.batch, desc=f"Epoch {pos.epoch}",
                    disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
+        agreement = None
         with bar:
             for x, y in self.batches.epoch(pos.epoch, start_batch=pos.batch):
                 t0 = time.perf_counter()
                 lr = self.lr_at(pos.step, self.elapsed())
                 if self.dist.active:  # every rank stops at the same step, with rank 0's schedule
-                    stop, (lr, late) = self.dist.agree(self._stop_requested, [lr, float(self._out_of_time())],
-                                                       self.device)
+                    # agreed while the previous step computed (the first one at once): one step late
+                    # for Ctrl-C and the clock, and the step's learning rate read a step early
+                    stop, (lr, late) = (agreement or self._agree_on_step(pos.step))()
+                    agreement = self._agree_on_step(pos.step + 1)
                     self._stop_requested, self._time_up = stop, bool(late)
                     if stop or late:
                         break
@@ -424,7 +427,14 @@ class Trainer:
                     break
                 if not self.dist.active and (self._stop_requested or self._out_of_time()):
                     break  # under DDP the ranks agree on it before the next step
+        if agreement is not None:
+            agreement()  # every rank started it: finish it before any other collective
         pos.elapsed = self.elapsed()
+
+    def _agree_on_step(self, step: int):
+        """Start the ranks' agreement on step ``step``: stop or not, rank 0's learning rate."""
+        return self.dist.agree_later(self._stop_requested, [self.lr_at(step, self.elapsed()),
+                                                            float(self._out_of_time())], self.device)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, state: State | None, lr: float
                    ) -> tuple[float, State]:
