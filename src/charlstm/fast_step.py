@@ -290,6 +290,8 @@ class NativeStepper(Stepper):
         bounds = [B * i // shards for i in range(shards + 1)]
         # one array of Nets, shard i's at index i, for charlstm_step_rows (panels: its only Net has the team)
         self._nets = (NativeNet * shards)(*[self._shard(start, stop) for start, stop in zip(bounds, bounds[1:])])
+        self._nets_ref, self._shards = ctypes.byref(self._nets), shards
+        self._step_one, self._step_rows = library.charlstm_step, library.charlstm_step_rows
 
     def _shard(self, start: int, stop: int) -> NativeNet:
         """The Net for rows start..stop: pointers into the shared buffers at that row."""
@@ -324,14 +326,13 @@ class NativeStepper(Stepper):
             self._team = self._start_team()
             if self._layout.parts > 1:
                 self._nets[0].team = self._team
-        if self._run() != 0:
+        if self._shards == 1:
+            failed = self._step_one(self._nets_ref)
+        else:
+            failed = self._step_rows(self._nets_ref, self._shards, self._team)
+        if failed:
             raise RuntimeError("charlstm native step rejected its layout")  # a bug, not a user error
         return self._logits_view
-
-    def _run(self) -> int:
-        if len(self._nets) == 1:
-            return self._library.charlstm_step(self._nets)
-        return self._library.charlstm_step_rows(self._nets, len(self._nets), self._team)
 
     def close(self) -> None:
         if getattr(self, "_team", None) and os.getpid() == self._team_pid:
