@@ -28,11 +28,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = REPO.parent / "shared" / "keras" / "wonderland.txt"
-MODELS = {
-    "tutorial-small 1×256": dict(input="scaled", layers=1, units=256, target="last", window=100),
-    "default 2×256": dict(input="embedding", embedding_dim=64, layers=2, units=256, target="all", window=100),
-}
+MODELS = ("tutorial-small 1×256", "default 2×256")  # generate_speed's models of these names
 
 
 @dataclass(frozen=True)
@@ -60,15 +56,16 @@ def rows(scale: float) -> list[Row]:
 # ----------------------------------------------------------------------------- worker
 
 
-def worker() -> None:
-    """Reads one row (JSON) per line, answers its characters/s: the tree on PYTHONPATH's code."""
+def worker(text_path: str, models: str) -> None:
+    """Reads one row (JSON) per line, answers its characters/s: the tree on PYTHONPATH's code
+    (which may be older than this file: the public API only)."""
     import torch
     from charlstm import CharLSTM, Generator, ModelConfig, SamplingConfig, TrainedModel, Vocab
 
-    text = TEXT.read_text(encoding="utf-8").lower()
+    text = Path(text_path).read_text(encoding="utf-8").lower()
     vocab, prime = Vocab.from_text(text), text[10_000:10_100]
     generators = {}
-    for name, config in MODELS.items():
+    for name, config in json.loads(models).items():
         torch.manual_seed(0)
         model = CharLSTM(ModelConfig(vocab_size=len(vocab), **config)).eval()
         generators[name] = Generator(TrainedModel(model, vocab), backend="native")
@@ -86,10 +83,10 @@ def worker() -> None:
 class Tree:
     """A worker process running one tree's code."""
 
-    def __init__(self, tree: Path, cache: Path) -> None:
+    def __init__(self, tree: Path, cache: Path, text: Path, models: dict[str, dict]) -> None:
         env = {**os.environ, "PYTHONPATH": str(tree / "src"), "CHARLSTM_NATIVE_CACHE": str(cache)}
-        self.process = subprocess.Popen([sys.executable, __file__, "--worker"], env=env, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        command = [sys.executable, __file__, "--worker", str(text), json.dumps(models)]
+        self.process = subprocess.Popen(command, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
                                      text=True).stdout.strip() or "?"
         self.source = self._answer()  # the folder the worker imported charlstm from
@@ -115,14 +112,12 @@ class Tree:
 # ----------------------------------------------------------------------------- main
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def main() -> None:
+    # this tree's benchmark (its models, text and CPU probe; needs PYTHONPATH=src): not imported
+    # by the workers, whose charlstm may be older
+    import generate_speed
+    from machine_probe import cpu_name
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=Path, required=True, help="the older tree (e.g. a git worktree of 8af9c6f)")
     parser.add_argument("--after", type=Path, default=REPO, help="the newer tree (default: this one)")
@@ -132,11 +127,12 @@ def main() -> None:
     for tree in (args.before, args.after):
         if not (tree / "src" / "charlstm" / "generate.py").is_file():
             parser.error(f"{tree} is not a charlstm tree (no src/charlstm/generate.py)")
-    if not TEXT.is_file():
-        parser.error(f"the vocabulary and prime come from {TEXT}, which is missing")
+    if not generate_speed.DEFAULT_TEXT.is_file():
+        parser.error(f"the vocabulary and prime come from {generate_speed.DEFAULT_TEXT}, which is missing")
+    models = {name: generate_speed.MODELS[name] for name in MODELS}
     with tempfile.TemporaryDirectory() as caches:
-        trees = {side: Tree(path, Path(caches) / side) for side, path in (("before", args.before),
-                                                                           ("after", args.after))}
+        trees = {side: Tree(path, Path(caches) / side, generate_speed.DEFAULT_TEXT, models)
+                 for side, path in (("before", args.before), ("after", args.after))}
         print(f"# {cpu_name()}, {os.cpu_count()} cores; before = {trees['before'].commit}, "
               f"after = {trees['after'].commit}; load average {os.getloadavg()[0]:.2f}; "
               f"{args.rounds} rounds, alternating")
@@ -163,7 +159,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--worker"]:
-        worker()
+    if sys.argv[1:2] == ["--worker"]:
+        worker(*sys.argv[2:])
     else:
         main()
