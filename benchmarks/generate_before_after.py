@@ -147,16 +147,20 @@ def main() -> None:
                     rates[row, side].append(trees[side].measure(row))
         for tree in trees.values():
             tree.close()
-    print(f"\n| model | row (fp32, native) | before {trees['before'].commit} | after {trees['after'].commit} "
-          "| after ÷ before | per-round ratios |")
-    print("|---|---|---:|---:|---:|---|")
-    for row in table:
-        before, after = (np.array(rates[row, side]) for side in ("before", "after"))
-        ratios = after / before
-        print(f"| {row.model} | {row.label} | {np.median(before):,.0f} | {np.median(after):,.0f} "
-              f"| {np.median(after) / np.median(before):.2f}× | {ratios.min():.2f}–{ratios.max():.2f}× |")
+        print_table(table, rates, trees["before"].commit, trees["after"].commit)
+        for path in sorted((Path(caches) / "after").glob("*.plans.json")):
+            generate_speed.print_plans(path)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
+
+def print_table(table: list[Row], rates: dict[tuple[Row, str], list[float]], before: str, after: str) -> None:
+    print(f"\n| model | row (fp32, native) | before {before} | after {after} | after ÷ before | per-round ratios |")
+    print("|---|---|---:|---:|---:|---|")
+    for row in table:
+        old, new = (np.array(rates[row, side]) for side in ("before", "after"))
+        ratios = new / old
+        print(f"| {row.model} | {row.label} | {np.median(old):,.0f} | {np.median(new):,.0f} "
+              f"| {np.median(new) / np.median(old):.2f}× | {ratios.min():.2f}–{ratios.max():.2f}× |")
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
