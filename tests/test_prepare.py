@@ -75,6 +75,49 @@ def test_folder_matches_corpus_cleaning_and_splits_every_document_end(library, t
     assert data.train_ids.dtype == np.uint8 and isinstance(data.train_ids, np.memmap)
 
 
+def _mixed_line_ends_and_alphabets(modern11) -> bytes:
+    """Alice (curly quotes, LF) with what the byte-level cleaner must get right: two BOMs, CRLF,
+    old-Mac CR line ends, a CR at the very end, Greek capital sigma, dotted capital I, the Kelvin
+    sign (lowercases to ASCII k) and 4-byte characters."""
+    lines = modern11.read_text(encoding="utf-8")[:60000].split("\n")
+    lines[5] += " ΟΔΟΣ ΣΑΣ. İstanbul 5 \u212a \U0001F600\U0001D11E"
+    body = "\r\n".join(lines[:400]) + "\r" + "\r".join(lines[400:700]) + "\n" + "\n".join(lines[700:]) + "\r"
+    return b"\xef\xbb\xbf\xef\xbb\xbf" + body.encode("utf-8")
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_byte_level_cleaning_matches_corpus_on_every_chunk_edge(tmp_path, modern11, lowercase):
+    """The UTF-8 cleaner works on bytes (see CleanChunk); with the smallest chunk, boundaries
+    fall inside CRLF pairs, multi-byte characters and the BOMs' neighbourhood."""
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(_mixed_line_ends_and_alphabets(modern11))
+    norm = Normalization(lowercase=lowercase)
+    prepare(PrepareConfig(inputs=(str(path),), output_dir=tmp_path / "out", val_fraction=0.0, chunk_bytes=1024,
+                          normalization=norm), progress=False)
+    data = PreparedData.open(tmp_path / "out")
+    expected, = _expected_documents([path], norm)
+    assert expected.endswith("\n") and "\r" not in expected and not expected.startswith("\ufeff")
+    assert data.vocab.decode(data.train_ids) == expected
+    assert ("k" if lowercase else "\u212a") in data.vocab.chars and "\U0001F600" in data.vocab.chars
+    assert ("ς" in expected and "σ" in expected) if lowercase else "Σ" in expected
+    counts = json.loads((tmp_path / "out" / "vocab.json").read_text(encoding="utf-8"))
+    assert dict(zip(counts["chars"], counts["counts"])) == {c: expected.count(c) for c in set(expected)}
+
+
+def test_nul_and_bad_utf8_anywhere_in_the_file_are_refused(tmp_path, modern11, capsys):
+    text = modern11.read_bytes()
+    assert len(text) > 150_000
+    binary, broken = tmp_path / "binary.txt", tmp_path / "broken.txt"
+    binary.write_bytes(text[:150_000] + b"\x00" + text[150_000:])  # far beyond the first 64 KiB
+    broken.write_bytes(text[:150_001] + b"\xff" + text[150_001:])
+    assert main(["prepare", str(binary), "-o", str(tmp_path / "o1"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{binary}: looks like a binary file (a NUL byte at offset 150,000)" in err
+    assert main(["prepare", str(broken), "-o", str(tmp_path / "o2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{broken}: not valid UTF-8 (byte 150001)" in err
+
+
 def test_large_alphabet_min_count_unknown_symbol_and_uint16(tmp_path):
     book = shared_file("seed", "tutorial.zh.md")
     norm = Normalization(lowercase=False, strip_gutenberg=False)  # it quotes Gutenberg's markers

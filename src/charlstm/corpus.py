@@ -159,12 +159,13 @@ def check_encoding(encoding: str) -> str:
         raise CharLSTMError(f"--encoding {encoding}: unknown encoding (try utf-8, cp1252, latin-1, utf-16)") from None
 
 
-def refuse_binary(path: Path | str, data: bytes, encoding: str = "utf-8") -> None:
-    """NUL bytes anywhere in ``data`` mean a binary file (except in UTF-16/32, where they are
-    normal): a NUL after the first 64 KiB would otherwise be trained on as text."""
+def refuse_binary(path: Path | str, data: bytes, encoding: str = "utf-8", offset: int = 0) -> None:
+    """NUL bytes anywhere in ``data`` (the file's bytes from ``offset`` on) mean a binary file
+    (except in UTF-16/32, where they are normal): a NUL after the first 64 KiB would otherwise
+    be trained on as text."""
     nul = data.find(b"\x00")
     if nul >= 0 and not codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
-        raise CharLSTMError(f"{path}: looks like a binary file (a NUL byte at offset {nul:,}), not text")
+        raise CharLSTMError(f"{path}: looks like a binary file (a NUL byte at offset {offset + nul:,}), not text")
 
 
 def undecodable(path: Path | str, encoding: str, offset: int) -> CharLSTMError:
@@ -224,7 +225,7 @@ def gutenberg_span(size: int, read: Callable[[int, int], str]) -> tuple[int, int
 def gutenberg_body_start(head: str) -> int:
     """Where the book starts in ``head`` (a file's beginning): after the START marker line and
     the blank lines below it, or after the old "*END*THE SMALL PRINT" line; 0 without either."""
-    marker = _START_RE.search(head) or _SMALL_PRINT_END_RE.search(head)
+    marker = _search_lines(_START_RE, head, b"TART OF") or _search_lines(_SMALL_PRINT_END_RE, head, b"MALL PRINT")
     if not marker:
         return 0
     end = marker.end()
@@ -236,14 +237,30 @@ def gutenberg_body_end(tail: str) -> tuple[int, bool]:
     line (trailing blanks dropped); without a footer, just after the last ``THE END`` line (a
     collection has one per story, and plays go on after one). The flag says a newline must
     follow the cut; text without markers is kept whole."""
-    footer = _END_RE.search(tail)
+    footer = _search_lines(_END_RE, tail, b"END OF")
     if footer:  # ASCII whitespace only: prepare searches bytes read as Latin-1
         return len(tail[:footer.start()].rstrip(" \t\r\n\f\v")), True
-    the_ends = list(_THE_END_RE.finditer(tail))
+    first = tail.find("THE END")
+    the_ends = list(_THE_END_RE.finditer(tail, tail.rfind("\n", 0, first) + 1)) if first >= 0 else []
     if the_ends:
         end = the_ends[-1].end()
         return end - (tail[end - 1:end] == "\r"), True
     return len(tail), False
+
+
+def _search_lines(pattern: re.Pattern, text: str, literal: bytes) -> re.Match | None:
+    """``pattern.search(text)`` for a line pattern (``^`` in MULTILINE mode) whose matches all
+    hold ``literal`` (upper-case ASCII letters without I, K or S, which IGNORECASE also matches
+    to non-ASCII letters) on their first line: the regex starts at the first line that holds
+    it. (sre tries a ``^`` pattern at every position: 0.3 ms per 64 KB window, per file.)"""
+    folded = text.encode("ascii", "replace").upper()  # one byte per character
+    at = folded.find(literal)
+    while at >= 0:
+        line = text.rfind("\n", 0, at) + 1
+        if match := pattern.match(text, line):
+            return match
+        at = folded.find(literal, text.find("\n", at) + 1 or len(text))
+    return None
 
 
 def strip_punctuation(text: str) -> str:

@@ -1,8 +1,10 @@
 """``charlstm prepare``: many files, folders or books -> memory-mapped ids, vocabulary, manifest.
 
 Memory stays bounded whatever the corpus size: every source is read twice in fixed-size
-chunks (pass 1 counts characters for the vocabulary, pass 2 encodes and writes the ids), and
-nothing but the per-code-point counts and one chunk is ever held. The output folder holds
+chunks (pass 1 hashes, checks and counts characters for the vocabulary, pass 2 encodes and
+writes the ids), and nothing but the per-code-point counts and one chunk is ever held. UTF-8
+text is cleaned and encoded on its bytes (``CleanChunk``): a histogram of the bytes counts it
+and one ``bytes.translate`` encodes it; only non-ASCII characters are decoded. The output folder holds
 
 * ``train.npy`` / ``val.npy``: flat id arrays (uint8, uint16 or uint32 by vocabulary size)
   that training memory-maps; the last ``val_fraction`` of every document is validation text;
@@ -26,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -235,41 +238,218 @@ def body_byte_range(handle: BinaryIO, size: int, norm: Normalization, encoding: 
     return gutenberg_span(size, read)
 
 
-def iter_clean_codes(source: Source, config: PrepareConfig, on_bytes: Callable[[int], None],
-                     hasher=None) -> Iterator[np.ndarray]:
-    """The source's cleaned text in chunks, as code-point arrays: exactly ``normalize()`` of the
-    whole file, plus a final newline so that documents never run into each other. Reads the
-    whole file (for the hash and the progress bar) but decodes only the book's byte range,
-    which pass 1 finds and stores in ``source.body``."""
+def iter_clean_chunks(source: Source, config: PrepareConfig, on_bytes: Callable[[int], None],
+                      hasher=None) -> Iterator["CleanChunk"]:
+    """The source's cleaned text in chunks: exactly ``normalize()`` of the whole file, plus a
+    final newline so that documents never run into each other. Reads the whole file (for the
+    hash, the NUL check and the progress bar) but decodes only the book's byte range, which
+    pass 1 finds and stores in ``source.body``."""
     norm, encoding = config.normalization, config.encoding
     size = source.path.stat().st_size
     with open(source.path, "rb") as handle:
         if source.body is None:
-            refuse_binary(source.path, handle.read(65536), encoding)
-            handle.seek(0)
             source.body = body_byte_range(handle, size, norm, encoding)
             handle.seek(0)
         start, end, add_newline = source.body
-        cleaner = _ChunkCleaner(source.path, encoding, norm, skip_bom=start == 0, first_offset=start)
+        cleaner = _chunk_cleaner(source.path, encoding, norm, skip_bom=start == 0, first_offset=start)
         offset = 0
         while chunk := handle.read(config.chunk_bytes):
-            if hasher is not None:
+            if hasher is not None:  # pass 1 reads every byte once: hash it and look for NULs
                 hasher.update(chunk)
+                refuse_binary(source.path, chunk, encoding, offset)
             lo, hi = max(start, offset) - offset, min(end, offset + len(chunk)) - offset
             offset += len(chunk)
             if lo < hi:
-                codes = cleaner.feed(chunk[lo:hi])
-                if len(codes):
-                    yield codes
+                clean = cleaner.feed(chunk[lo:hi])
+                if len(clean):
+                    yield clean
             on_bytes(len(chunk))
-    codes = cleaner.finish()
+    clean = cleaner.finish()
     if add_newline:
-        codes = np.append(codes, np.array([10], dtype=codes.dtype))
-    last = int(codes[-1]) if len(codes) else cleaner.last_code
+        clean = clean.with_newline()
+    last = clean.last_code() if len(clean) else cleaner.last_code
     if last not in (-1, 10):
-        codes = np.append(codes, np.array([10], dtype=codes.dtype))  # documents never run into each other
-    if len(codes):
-        yield codes
+        clean = clean.with_newline()  # documents never run into each other
+    if len(clean):
+        yield clean
+
+
+EMPTY_POSITIONS = np.zeros(0, dtype=np.int64)
+EMPTY_CODES = np.zeros(0, dtype=np.uint32)
+IDENTITY_BYTES = np.arange(256, dtype=np.uint8)
+LOWER_BYTES = np.frombuffer(bytes(range(256)).lower(), dtype=np.uint8)  # A-Z -> a-z, nothing else
+CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
+WIDE_PLACEHOLDER = 0xFF  # never in UTF-8; stands for a character that needs more than a byte
+
+
+@dataclass(frozen=True)
+class CleanChunk:
+    """A piece of cleaned text kept as the bytes it was read from, since English text is mostly
+    ASCII: the text is ``raw`` with every ASCII byte mapped through ``byte_map`` (lowercasing),
+    the bytes at ``drop`` (the CRs of CRLF) and the continuation bytes of wider characters left
+    out, and each wider character's first byte (at ``lead``) standing for its code point in
+    ``wide``. Counting works on a byte histogram and encoding is one ``bytes.translate``; only
+    the few wide characters take 32 bits. (The general cleaner hands over code points, with
+    WIDE_PLACEHOLDER bytes where the wide ones stand.)"""
+
+    raw: bytes
+    byte_map: np.ndarray = field(default_factory=lambda: IDENTITY_BYTES)
+    drop: np.ndarray = field(default_factory=lambda: EMPTY_POSITIONS)
+    wide: np.ndarray = field(default_factory=lambda: EMPTY_CODES)
+    lead: np.ndarray = field(default_factory=lambda: EMPTY_POSITIONS)
+    cont: np.ndarray = field(default_factory=lambda: EMPTY_POSITIONS)
+
+    @classmethod
+    def from_codes(cls, codes: np.ndarray) -> "CleanChunk":
+        if codes.dtype == np.uint8:
+            return cls(codes.tobytes())
+        lead = np.flatnonzero(codes >= 128)
+        data = codes.astype(np.uint8)
+        data[lead] = WIDE_PLACEHOLDER
+        return cls(data.tobytes(), wide=codes[lead].astype(np.uint32), lead=lead)
+
+    def __len__(self) -> int:
+        return len(self.raw) - len(self.drop) - len(self.cont)
+
+    def _deleted(self) -> bytes:
+        return CONTINUATION_BYTES + (b"\r" if len(self.drop) else b"")
+
+    def _wide_positions(self) -> np.ndarray:
+        """Where the wide characters stand in the cleaned text."""
+        return self.lead - np.searchsorted(self.drop, self.lead) - np.searchsorted(self.cont, self.lead)
+
+    def counts(self) -> np.ndarray:
+        """How often each code point occurs (an array up to the largest one)."""
+        raw_counts = byte_histogram(np.frombuffer(self.raw, dtype=np.uint8))
+        counts = np.zeros(max(128, int(self.wide.max()) + 1 if len(self.wide) else 0), dtype=np.int64)
+        np.add.at(counts, self.byte_map[:128], raw_counts[:128])
+        counts[13] -= len(self.drop)
+        if len(self.wide):
+            counts += np.bincount(self.wide, minlength=len(counts))
+        return counts
+
+    def ids(self, table: np.ndarray) -> np.ndarray:
+        """Ids through the vocabulary's code-point table: for uint8 ids, the whole chunk in one
+        ``bytes.translate`` (3x faster than numpy's indexing); then the wide characters."""
+        if table.dtype == np.uint8:
+            ids = np.frombuffer(self.raw.translate(table[self.byte_map].tobytes(), self._deleted()), dtype=np.uint8)
+            if not len(self.wide):
+                return ids
+            ids = ids.copy()
+        else:
+            ids = table[np.frombuffer(self.raw.translate(self.byte_map.tobytes(), self._deleted()), dtype=np.uint8)]
+        ids[self._wide_positions()] = table[self.wide]
+        return ids
+
+    def last_code(self) -> int:
+        last = self.raw[-1]  # never a dropped CR: a CR at a chunk's end is held or alone
+        return int(self.wide[-1]) if last >= 0x80 else int(self.byte_map[last])
+
+    def with_newline(self) -> "CleanChunk":
+        return CleanChunk(self.raw + b"\n", self.byte_map, self.drop, self.wide, self.lead, self.cont)
+
+
+def byte_histogram(data: np.ndarray) -> np.ndarray:
+    """How often each byte value occurs in a uint8 array. ``np.bincount`` first widens every
+    element to 64 bits; over byte pairs (uint16) it widens half as many, then the 65,536 pair
+    counts fold into 256."""
+    if len(data) < 1 << 18:
+        return np.bincount(data, minlength=256)
+    even = len(data) & ~1
+    pairs = np.bincount(data[:even].view(np.uint16), minlength=1 << 16).reshape(256, 256)
+    counts = pairs.sum(axis=0) + pairs.sum(axis=1)
+    if even < len(data):
+        counts[data[-1]] += 1
+    return counts
+
+
+def _chunk_cleaner(path: Path, encoding: str, norm: Normalization, skip_bom: bool, first_offset: int):
+    """The UTF-8 cleaner on bytes where it applies (UTF-8, punctuation kept), else the general one."""
+    if codecs.lookup(encoding).name == "utf-8" and not norm.strip_punctuation:
+        return _Utf8Cleaner(path, norm, skip_bom, first_offset)
+    return _ChunkCleaner(path, encoding, norm, skip_bom, first_offset)
+
+
+class _Utf8Cleaner:
+    """Incremental ``normalize()`` (without the Gutenberg step and punctuation stripping) of
+    UTF-8 bytes, on the bytes themselves (see ``CleanChunk``): only the runs of non-ASCII bytes
+    are decoded (an ASCII byte never belongs to a multi-byte character, so the text is valid
+    UTF-8 exactly when every such run is). A CR or an unfinished character at the end of a
+    chunk is held back for the next one."""
+
+    def __init__(self, path: Path, norm: Normalization, skip_bom: bool, first_offset: int):
+        self.path, self.norm = path, norm
+        self.byte_map = LOWER_BYTES if norm.lowercase else IDENTITY_BYTES
+        self.skip_bom, self.fed, self.held, self.last_code = skip_bom, first_offset, b"", -1
+
+    def feed(self, raw: bytes, final: bool = False) -> CleanChunk:
+        data, at = self.held + raw, self.fed - len(self.held)  # ``at``: the file offset of data[0]
+        self.fed += len(raw)
+        self.held = b""
+        if self.skip_bom:
+            while data.startswith(codecs.BOM_UTF8):
+                data, at = data[3:], at + 3
+            self.skip_bom = not data
+        if not final and (hold := _unfinished_tail(data)):
+            data, self.held = data[:-hold], data[-hold:]
+        checked, codes, drop = data, np.frombuffer(data, dtype=np.uint8), EMPTY_POSITIONS
+        if b"\r" in data:
+            drop = np.flatnonzero(codes == 13)
+            if drop[-1] == len(codes) - 1 or np.any(codes[drop + 1] != 10):  # old Mac line ends: CR alone
+                data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                codes, drop = np.frombuffer(data, dtype=np.uint8), EMPTY_POSITIONS
+        clean = CleanChunk(data, self.byte_map, drop)
+        if not data.isascii():
+            clean = self._with_wide(clean, codes, checked, at)
+        if len(clean):
+            self.last_code = clean.last_code()
+        return clean
+
+    def finish(self) -> CleanChunk:
+        return self.feed(b"", final=True)
+
+    def _with_wide(self, clean: CleanChunk, codes: np.ndarray, checked: bytes, at: int) -> CleanChunk:
+        high = np.flatnonzero(codes >= 0x80)
+        runs = np.flatnonzero(np.diff(high) != 1) + 1
+        # the runs of non-ASCII bytes with an ASCII newline between them: each must decode alone
+        joined = np.insert(codes[high], runs, np.uint8(10)).tobytes()
+        try:
+            text = joined.decode("utf-8")
+        except UnicodeDecodeError:
+            raise undecodable(self.path, "utf-8", at + _utf8_error_at(checked)) from None
+        wide = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        wide = wide[wide != 10]
+        if self.norm.lowercase:
+            if np.any((wide == 0x130) | (wide == 0x3A3)):
+                # the two context- or length-changing lowercasings: str.lower does them
+                text = clean.raw.decode("utf-8").replace("\r\n", "\n").lower()
+                return CleanChunk.from_codes(text_codes(text))
+            wide = lower_table(_table_size(wide))[wide]
+        is_cont = (codes[high] & 0xC0) == 0x80
+        return CleanChunk(clean.raw, clean.byte_map, clean.drop, wide, high[~is_cont], high[is_cont])
+
+
+def _unfinished_tail(data: bytes) -> int:
+    """How many bytes at the end of ``data`` must wait for the next chunk: a CR (its LF may
+    follow) or the start of a UTF-8 character whose other bytes are still to come."""
+    if data.endswith(b"\r"):
+        return 1
+    for back in range(1, min(len(data), 3) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return 0
+        if byte >= 0xC0:
+            needed = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return back if needed > back else 0
+    return 0
+
+
+def _utf8_error_at(data: bytes) -> int:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start
+    return len(data)
 
 
 class _ChunkCleaner:
@@ -287,7 +467,10 @@ class _ChunkCleaner:
         self.byte_newlines = _ascii_compatible(encoding)
         self.byte_lower = norm.lowercase and codecs.lookup(encoding).name == "utf-8"
 
-    def feed(self, raw: bytes, final: bool = False) -> np.ndarray:
+    def feed(self, raw: bytes, final: bool = False) -> "CleanChunk":
+        return CleanChunk.from_codes(self._feed_codes(raw, final))
+
+    def _feed_codes(self, raw: bytes, final: bool) -> np.ndarray:
         pending = self._pending_bytes()
         original = raw
         if self.byte_newlines:
@@ -318,7 +501,7 @@ class _ChunkCleaner:
             self.last_code = int(codes[-1])
         return codes
 
-    def finish(self) -> np.ndarray:
+    def finish(self) -> "CleanChunk":
         return self.feed(b"", final=True)
 
     def _lower(self, codes: np.ndarray, tables: "CharTables") -> np.ndarray:
@@ -403,9 +586,16 @@ def _table_size(codes: np.ndarray) -> int:
 
 
 @functools.lru_cache(maxsize=8)
+def lower_table(size: int) -> np.ndarray:
+    """Code point -> ``str.lower`` of it, where that is one character (all but U+0130)."""
+    chars = (chr(c) for c in range(size))
+    return np.array([ord(low) if len(low := ch.lower()) == 1 else ord(ch) for ch in chars], dtype=np.uint32)
+
+
+@functools.lru_cache(maxsize=8)
 def char_tables(size: int) -> CharTables:
     chars = [chr(c) for c in range(size)]
-    lower = np.array([ord(low) if len(low := ch.lower()) == 1 else ord(ch) for ch in chars], dtype=np.uint32)
+    lower = lower_table(size)
     cleaned = [strip_punctuation(ch) for ch in chars]
     kept = np.array([len(c) == 1 for c in cleaned], dtype=bool)
     mapped = np.array([ord(c) if len(c) == 1 else 0 for c in cleaned], dtype=np.uint32)
@@ -419,9 +609,9 @@ def _count_source(source: Source, config: PrepareConfig, on_bytes=_ignore) -> tu
     """Pass 1 for one document: its size, hash, book range, length and character counts (as
     the code points seen and how often: small to send back from a worker process)."""
     hasher, counts = hashlib.sha256(), np.zeros(256, dtype=np.int64)
-    for codes in iter_clean_codes(source, config, on_bytes, hasher):
-        source.characters += len(codes)
-        hist = np.bincount(codes, minlength=256 if codes.dtype == np.uint8 else 0)
+    for clean in iter_clean_chunks(source, config, on_bytes, hasher):
+        source.characters += len(clean)
+        hist = clean.counts()
         if len(hist) > len(counts):
             hist[:len(counts)] += counts
             counts = hist
@@ -498,8 +688,8 @@ def _encode_source(source: Source, config: PrepareConfig, vocab: Vocab, train_pa
     with open(train_path, "r+b") as train_out, open(val_path, "r+b") as val_out:
         train_out.seek(train_at)
         val_out.seek(val_at)
-        for codes in iter_clean_codes(source, config, on_bytes):
-            ids = table[codes]
+        for clean in iter_clean_chunks(source, config, on_bytes):
+            ids = clean.ids(table)
             cut = min(max(to_train - written, 0), len(ids))
             train_out.write(memoryview(ids[:cut]))
             val_out.write(memoryview(ids[cut:]))
@@ -521,8 +711,15 @@ def _workers(config: PrepareConfig, sources: list[Source], total: int):
     if wanted < 2 or len(sources) < 2 or total < WORKER_MIN_BYTES or "fork" not in mp.get_all_start_methods():
         yield None
         return
-    with mp.get_context("fork").Pool(min(wanted, len(sources))) as pool:
+    with mp.get_context("fork").Pool(min(wanted, len(sources)), initializer=_quiet_worker) as pool:
         yield pool
+
+
+def _quiet_worker() -> None:
+    """Workers end silently when the pool ends them (SIGTERM) and leave Ctrl-C to the parent:
+    the CLI's handlers, inherited by the fork, would print a traceback per worker."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run(pool, function, tasks: list[tuple], bar):

@@ -25,7 +25,7 @@ CHUNK = 512
 
 
 @dataclass
-class TextScore:
+class CharacterSurprise:
     text: str                          # the text as the model read it (normalised)
     logprobs: list[float | None]       # natural log p of each character; None for the first
     top: list[list[tuple[str, float]]]  # the likeliest alternatives at each position (empty for the first)
@@ -51,7 +51,8 @@ class TextScore:
         }
 
 
-def score_text(trained: TrainedModel, text: str, unknown: str = "error", top: int = 5) -> TextScore:
+def surprise_per_character(trained: TrainedModel, text: str, unknown: str = "error",
+                           top: int = 5) -> CharacterSurprise:
     """Score ``text`` under ``trained``; at least two characters (after dropping unknown ones)."""
     if trained.normalization.lowercase:
         text = text.lower()
@@ -64,7 +65,8 @@ def score_text(trained: TrainedModel, text: str, unknown: str = "error", top: in
     best = np.argsort(-logprobs, axis=1, kind="stable")[:, :top]
     chars = trained.vocab.chars
     alternatives = [[(chars[j], float(row[j])) for j in b] for row, b in zip(logprobs, best.tolist())]
-    return TextScore(read, [None] + actual.tolist(), [[]] + alternatives, compressor_baselines("", read))
+    return CharacterSurprise(read, [None] + actual.tolist(), [[]] + alternatives,
+                             compressor_baselines("", read))
 
 
 @torch.inference_mode()

@@ -784,7 +784,7 @@ async def _completions(request: Request, state: ServerState):
 
 
 async def _score(request: Request, state: ServerState) -> Response:
-    from .scoring import score_text
+    from .scoring import surprise_per_character
 
     body = await read_json_object(request, state.config.max_body, state.config.request_timeout)
     _unknown_fields(body, SCORE_FIELDS)
@@ -798,8 +798,8 @@ async def _score(request: Request, state: ServerState) -> Response:
     unknown = _prime_unknown(body)
     top = _int_field(body, "top", 5, 0, state.config.max_logprobs, " (the server's --max-logprobs)")
     try:
-        score = await anyio.to_thread.run_sync(lambda: score_text(served.trained, text, unknown, top),
-                                               limiter=state.score_limiter)
+        score = await anyio.to_thread.run_sync(
+            lambda: surprise_per_character(served.trained, text, unknown, top), limiter=state.score_limiter)
     except CharLSTMError as err:
         raise ApiError(400, str(err), "text") from None
     return json_response(dict(score.to_dict(), object="text_score", model=served.name))
