@@ -152,15 +152,16 @@ async function generate() {
     top_p: parseFloat($("top-p").value), top_k: parseInt($("top-k").value, 10) || 0,
   };
   const cards = sampleCards(samples, seed, prompt);
+  const pending = onceAFrame((choices) => { for (const choice of choices) appendChoice(cards[choice.index], choice); });
   state.controller = new AbortController();
   setRunning(true);
   try {
     const response = await api("/v1/completions", body, state.controller.signal);
     if (!response.ok) throw new Error(await errorText(response));
-    await readEvents(response, (event) => {
-      for (const choice of event.choices) appendChoice(cards[choice.index], choice);
-    });
+    await readEvents(response, (event) => { for (const choice of event.choices) pending.push(choice); });
+    pending.flush();
   } catch (err) {
+    pending.flush();
     if (err.name !== "AbortError") { error.textContent = err.message; error.hidden = false; }
     for (const card of cards) {
       if (card.text.classList.contains("streaming")) {
@@ -172,6 +173,26 @@ async function generate() {
     setRunning(false);
     state.controller = null;
   }
+}
+
+// A fast model sends hundreds of events a second: the page takes them in once per frame, so
+// the browser draws (and Stop stays clickable) however fast they come.
+function onceAFrame(apply) {
+  let queued = [];
+  let scheduled = false;
+  const flush = () => {
+    scheduled = false;
+    const items = queued;
+    queued = [];
+    if (items.length) apply(items);
+  };
+  return {
+    push(item) {
+      queued.push(item);
+      if (!scheduled) { scheduled = true; requestAnimationFrame(flush); }
+    },
+    flush,
+  };
 }
 
 async function readEvents(response, onEvent) {
