@@ -14,9 +14,10 @@ Prints, with the machine and its load average:
    thread, 1 process x 2 threads, 2 processes x 1 thread under torchrun (DDP, gloo), the
    same global batch of 64 streams; and the time of one gloo all-reduce of the model's
    gradients (what DDP adds to each step) between 2 processes.
-4. Training and generation characters/s with a 5,000-symbol vocabulary against the 45-symbol
-   Alice one (randomly initialised models: speed does not depend on the weights), and the
-   share of the output head in the multiply-adds.
+4. Training and generation characters/s (generation in fp32 and in bf16, whose products
+   include the output layer's) with a 5,000-symbol vocabulary against the 45-symbol Alice one
+   (randomly initialised models: speed does not depend on the weights), and the share of the
+   output head in the multiply-adds.
 
 Every measurement runs in a child process, one after another, so that they never share the
 cores with each other; other users of the machine still may (see the load average).
@@ -200,15 +201,16 @@ def timed(fn, n=3):
     return (time.perf_counter() - t) / n
 step_s = 64 * 50 / train
 gemm_s, head_s = timed(lambda: head_only(False)), timed(lambda: head_only(True))
-gen = Generator(TrainedModel(model.eval(), vocab))
 prime = "".join(vocab.chars[:20])
 out = {"vocab": V, "train": train, "step_ms": step_s * 1000, "gemm_ms": gemm_s * 1000,
        "ce_ms": max(head_s - gemm_s, 0.0) * 1000}
-for temperature in (0.0, 1.0):
-    gen.generate(prime, 20, sampling=SamplingConfig(temperature), seed=1)
-    t = time.perf_counter()
-    text = gen.generate(prime, chars, sampling=SamplingConfig(temperature), seed=1)
-    out[f"gen{temperature:g}"] = len(text) / (time.perf_counter() - t)
+for precision in ("fp32", "bf16"):  # bf16: the recurrence and the output layer in bf16 products
+    gen = Generator(TrainedModel(model.eval(), vocab), precision=precision)
+    for temperature in (0.0, 1.0):
+        gen.generate(prime, 20, sampling=SamplingConfig(temperature), seed=1)
+        t = time.perf_counter()
+        text = gen.generate(prime, chars, sampling=SamplingConfig(temperature), seed=1)
+        out[f"gen{temperature:g}{'' if precision == 'fp32' else precision}"] = len(text) / (time.perf_counter() - t)
 print(json.dumps(out))
 """
 
@@ -303,13 +305,15 @@ def bench_vocab_section(args) -> None:
     train_steps, gen_chars = (3, 1000) if args.quick else (10, 4000)
     alice = bench_vocab(0, train_steps, gen_chars)
     big = bench_vocab(5000, train_steps, gen_chars)
-    print("| vocabulary | head share of multiply-adds | training chars/s | greedy chars/s | temperature 1 chars/s |")
-    print("|---|---:|---:|---:|---:|")
+    gens = ("gen0", "gen1", "gen0bf16", "gen1bf16")
+    print("| vocabulary | head share of multiply-adds | training chars/s | greedy chars/s | temperature 1 chars/s "
+          "| bf16 greedy chars/s | bf16 temperature 1 chars/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in (alice, big):
-        print(f"| {r['vocab']:,} symbols | {head_share(r['vocab']):.0%} | {r['train']:,.0f} | {r['gen0']:,.0f} | "
-              f"{r['gen1']:,.0f} |")
+        print(f"| {r['vocab']:,} symbols | {head_share(r['vocab']):.0%} | {r['train']:,.0f} | "
+              + " | ".join(f"{r[g]:,.0f}" for g in gens) + " |")
     print(f"| ratio {alice['vocab']} / {big['vocab']:,} | | {alice['train'] / big['train']:.2f}x | "
-          f"{alice['gen0'] / big['gen0']:.2f}x | {alice['gen1'] / big['gen1']:.2f}x |")
+          + " | ".join(f"{alice[g] / big[g]:.2f}x" for g in gens) + " |")
     print("\n| vocabulary | training step ms | output layer GEMMs ms | fp32 cross-entropy ms |")
     print("|---|---:|---:|---:|")
     for r in (alice, big):
