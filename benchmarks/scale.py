@@ -126,7 +126,24 @@ def bench_throughput(data: Path, out: Path, steps: int) -> list[tuple[str, float
                      threads=threads)
         record = json.loads((target / "metrics.jsonl").read_text().splitlines()[-1])
         rows.append((label, record["chars_per_s"]))
+    rows.append(("2 independent processes x 1 thread, 32 streams each, no communication (the machine's ceiling "
+                 "for DDP)", bench_independent_pair(args, out / "pair")))
     return rows
+
+
+def bench_independent_pair(args: list[str], out: Path) -> float:
+    """Two single-process runs side by side, each with a DDP rank's half of the batch: what the
+    two cores give two processes when nothing is exchanged (summed characters/s)."""
+    half = [*args[:args.index("--batch-size")], "--batch-size", "32", *args[args.index("--batch-size") + 2:]]
+    procs = [subprocess.Popen(charlstm("train", *half, "--threads", "1", "--seed", str(i), "-o", str(out / str(i))),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(1), cwd=REPO, text=True)
+             for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"independent training run failed ({proc.returncode}):\n{err[-2000:]}")
+    return sum(json.loads((out / str(i) / "metrics.jsonl").read_text().splitlines()[-1])["chars_per_s"]
+               for i in range(2))
 
 
 ALLREDUCE_CODE = r"""
@@ -292,6 +309,7 @@ def main() -> None:
         print("|---|---:|---:|")
         for label, rate in rows:
             print(f"| {label} | {rate:,.0f} | {rate / base:.2f}x |")
+        print(f"\nDDP gives {rows[2][1] / rows[3][1]:.0%} of what two processes that exchange nothing get together")
         n, ms = bench_allreduce(158)
         print(f"\ngloo all-reduce of the {n:,} gradients (fp32, {n * 4 / 1e6:.1f} MB) between 2 processes: "
               f"{ms:.1f} ms per step")
