@@ -149,6 +149,7 @@ class Trainer:
         if config.val_chars:
             self.val_ids = fixed_sample(self.val_ids, config.val_chars)
         self.batches = self._make_batches()
+        self.shared_memory_sum = False  # DDP's gradients summed through shared memory (set by the wrap)
         self.ddp = self._wrap_distributed()
         self.optimizer = self._make_optimizer()
         self.position = Position()
@@ -205,6 +206,7 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         # gradients live in DDP's buckets: no copy into them before the all-reduce, none back after
         wrapped = DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True)
+        self.shared_memory_sum = self.dist.sum_gradients_in_shared_memory(wrapped, self.model.num_parameters())
         if self.dist.rank:
             torch.manual_seed(self.config.seed + 7919 * self.dist.rank)
         return wrapped
@@ -234,8 +236,9 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=c.lr, **fused)
 
     def summary_lines(self) -> list[str]:
-        ranks = (f"  processes: {self.dist.world_size} (DDP, {'nccl' if self.device.type == 'cuda' else 'gloo'})"
-                 if self.dist.active else "")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        summed = ", gradients summed in shared memory" if self.shared_memory_sum else ""
+        ranks = f"  processes: {self.dist.world_size} (DDP, {backend}{summed})" if self.dist.active else ""
         return [
             f"Total Characters: {len(self.train_ids) + len(self.val_ids)}",
             f"Total Vocab: {len(self.vocab)}",
