@@ -240,7 +240,7 @@ def main() -> None:
             limit, binds = limits[n][case.label]
             cells.append(f"{results[n][case.label] / limit:.0%} of {limit:,.0f} ({binds})")
         print(f"| {case.label} | " + " | ".join(cells) + " |")
-    print_plans()
+    print_plans(plans_file(native_library()))
     for path in args.checkpoint:
         report = bf16_against_fp32(path, args.eval_text, args.threads)
         print(f"\nbf16 against fp32, {path.name}, {report.pop('characters'):,} validation characters: "
@@ -248,9 +248,9 @@ def main() -> None:
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
 
-def print_plans() -> None:
-    """How two threads shared each step size, as timed at first use in this run."""
-    plans = json.loads(plans_file(native_library()).read_text()) if plans_file(native_library()).is_file() else {}
+def print_plans(path: Path) -> None:
+    """How two threads shared each step size, as timed at first use in this run (plans file ``path``)."""
+    plans = json.loads(path.read_text()) if path.is_file() else {}
     print("\nchosen by timing at first use (seconds per step of each way):")
     for key, plan in sorted(plans.items()):
         chosen = plan.get("split") or plan.get("backend")

@@ -114,15 +114,20 @@ def test_state_round_trips_between_the_model_and_the_stepper():
     assert h.shape == (1, 2, 24) and not torch.equal(h[0, 0], h[0, 1])
 
 
-def test_threaded_shards_give_the_same_numbers_as_one_thread():
+@pytest.mark.parametrize("batch, shards", [(40, 2), (50, 3)])
+def test_threaded_shards_give_the_same_numbers_as_one_thread(batch, shards):
+    # 40 streams on 3 threads: 2 shards (at least 16 streams each); 50: shards of 16, 17 and 17
     model = sharp_model(25, layers=2, units=32)
     weights = LeanWeights.from_model(model)
-    one = NativeStepper(weights, 40, native_library(), threads=1)
-    three = NativeStepper(weights, 40, native_library(), threads=3, split="rows")
-    assert (len(one._nets), len(three._nets)) == (1, 2)  # at least 16 streams per thread
-    ids = np.random.default_rng(0).integers(0, 25, size=(10, 40))
+    one = NativeStepper(weights, batch, native_library(), threads=1)
+    three = NativeStepper(weights, batch, native_library(), threads=3, split="rows")
+    assert (len(one._nets), len(three._nets)) == (1, shards)
+    assert [net.batch for net in three._nets] == [batch * (i + 1) // shards - batch * i // shards
+                                                  for i in range(shards)]
+    ids = np.random.default_rng(0).integers(0, 25, size=(10, batch))
     for row in ids:
         np.testing.assert_array_equal(one.step(row), three.step(row))
+    three.close()
 
 
 def step_through(stepper, ids: np.ndarray) -> np.ndarray:
@@ -131,7 +136,7 @@ def step_through(stepper, ids: np.ndarray) -> np.ndarray:
     return torch.from_numpy(got).softmax(-1).numpy()
 
 
-@pytest.mark.parametrize("batch", [1, 3, 40])
+@pytest.mark.parametrize("batch", [1, 3, 40, 41])
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid"])
 def test_every_way_of_sharing_a_step_between_threads_gives_the_models_numbers(activation, batch):
     # panels: each of 2 threads owns half of every layer's gates (32 units: 2 x 16 per group)
@@ -151,11 +156,13 @@ def test_every_way_of_sharing_a_step_between_threads_gives_the_models_numbers(ac
         np.testing.assert_array_equal(results[split], results["single"])
 
 
-def test_a_forked_child_steps_with_threads_of_its_own():
+@pytest.mark.parametrize("split, batch", [("panels", 2), ("rows", 33)])
+def test_a_forked_child_steps_with_threads_of_its_own(split, batch):
     model = sharp_model(23, layers=2, units=32)
-    stepper = NativeStepper(LeanWeights.from_model(model), 2, native_library(), threads=2, split="panels")
-    ids = np.array([3, 4])
-    expected = NativeStepper(LeanWeights.from_model(model), 2, native_library(), threads=1).step(ids).copy()
+    stepper = NativeStepper(LeanWeights.from_model(model), batch, native_library(), threads=2, split=split)
+    assert stepper._team is not None  # the step is shared: a helper thread exists in the parent
+    ids = np.arange(batch) % 23
+    expected = NativeStepper(LeanWeights.from_model(model), batch, native_library(), threads=1).step(ids).copy()
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # the parent's helper thread does not exist here: a step must not wait for it

@@ -31,7 +31,6 @@ import ctypes
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -248,12 +247,12 @@ class NativeStepper(Stepper):
     """lstm_step.c over all layers and the head in one call per step.
 
     ``split`` says how ``threads`` threads share a step: ``rows`` - the batch is cut into
-    shards of at least ``MIN_SHARD_ROWS`` streams, stepped at the same time (ctypes releases
-    the GIL); ``panels`` - every thread takes its share of each layer's gates for all streams
-    (a C thread team with a spin barrier per layer), so each core reads only its share of the
-    weights and keeps it in its own cache; ``single`` - one thread. All give the same numbers.
-    ``precision`` ``bf16`` keeps the matrices in bf16 and rounds their inputs to bf16, with
-    fp32 sums and state; ``kernel`` picks its product code (default: the CPU's best).
+    shards of at least ``MIN_SHARD_ROWS`` streams, each stepped by one thread of a C thread
+    team at the same time; ``panels`` - every thread of the team takes its share of each
+    layer's gates for all streams (a spin barrier per layer), so each core reads only its
+    share of the weights and keeps it in its own cache; ``single`` - one thread. All give the
+    same numbers. ``precision`` ``bf16`` keeps the matrices in bf16 and rounds their inputs to
+    bf16, with fp32 sums and state; ``kernel`` picks its product code (default: the CPU's best).
     """
 
     backend = "native"
@@ -272,10 +271,10 @@ class NativeStepper(Stepper):
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         self.split, self.precision = split, precision
         shards = max(1, min(threads, B // MIN_SHARD_ROWS)) if split == "rows" else 1
-        team_size = threads if split == "panels" and threads > 1 and splittable(H, threads) else 1
-        key = f"native-{precision}-{team_size}"
+        parts = threads if split == "panels" and threads > 1 and splittable(H, threads) else 1
+        key = f"native-{precision}-{parts}"
         if key not in w.packed:
-            w.packed[key] = NativeLayout.from_weights(w, parts=team_size, precision=precision)
+            w.packed[key] = NativeLayout.from_weights(w, parts=parts, precision=precision)
         self._layout = layout = w.packed[key]
         self._kernel = bf16_kernel(library) if kernel is None else kernel
         self.h, self.c = torch.zeros(w.layers, B, H), torch.zeros(w.layers, B, H)
@@ -284,15 +283,15 @@ class NativeStepper(Stepper):
         self._logits_view = self.logits.numpy()[:, :w.vocab_size]
         self._weight_ptrs = (ctypes.c_void_p * w.layers)(*[p.data_ptr() for p in layout.panels])
         self._bias_ptrs = (ctypes.c_void_p * w.layers)(*[b.data_ptr() for b in layout.biases])
-        self._inputs_bf16 = np.zeros((team_size, B, 2 * H), dtype=np.uint16) if layout.bf16 else None
-        self._h_next = torch.zeros(w.layers, B, H) if team_size > 1 else None
-        self._library, self._team_size = library, team_size
+        self._inputs_bf16 = np.zeros((parts, B, 2 * H), dtype=np.uint16) if layout.bf16 else None
+        self._h_next = torch.zeros(w.layers, B, H) if parts > 1 else None
+        self._library, self._team_size = library, max(parts, shards)
         self._team = self._start_team()
         bounds = [B * i // shards for i in range(shards + 1)]
-        self._nets = [self._shard(start, stop) for start, stop in zip(bounds, bounds[1:])]
-        self._refs = [ctypes.byref(net) for net in self._nets]
-        self._step = library.charlstm_step
-        self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="charlstm-step") if shards > 1 else None
+        # one array of Nets, shard i's at index i, for charlstm_step_rows (panels: its only Net has the team)
+        self._nets = (NativeNet * shards)(*[self._shard(start, stop) for start, stop in zip(bounds, bounds[1:])])
+        self._nets_ref, self._shards = ctypes.byref(self._nets), shards
+        self._step_one, self._step_rows = library.charlstm_step, library.charlstm_step_rows
 
     def _shard(self, start: int, stop: int) -> NativeNet:
         """The Net for rows start..stop: pointers into the shared buffers at that row."""
@@ -306,10 +305,11 @@ class NativeStepper(Stepper):
                          self.gates.data_ptr() + start * layout.gates_padded * f32,
                          self.logits.data_ptr() + start * layout.vocab_padded * f32,
                          None if scratch is None else scratch.ctypes.data + start * 2 * w.units * 2,
-                         None if self._h_next is None else self._h_next.data_ptr(), self._team)
+                         None if self._h_next is None else self._h_next.data_ptr(),
+                         self._team if layout.parts > 1 else None)
 
     def _start_team(self) -> int | None:
-        """The C helper threads of a panel split (None without one)."""
+        """The C helper threads of a split step (None without one)."""
         self._team_pid = os.getpid()
         if self._team_size == 1:
             return None
@@ -324,18 +324,17 @@ class NativeStepper(Stepper):
             # a forked child has none of its parent's threads: start its own (the parent's
             # team record is left alone, its threads live in the parent)
             self._team = self._start_team()
-            for net in self._nets:
-                net.team = self._team
-        others = [self._pool.submit(self._step, ref) for ref in self._refs[1:]] if self._pool else []
-        failed = self._step(self._refs[0]) != 0
-        if any(f.result() != 0 for f in others) or failed:
+            if self._layout.parts > 1:
+                self._nets[0].team = self._team
+        if self._shards == 1:
+            failed = self._step_one(self._nets_ref)
+        else:
+            failed = self._step_rows(self._nets_ref, self._shards, self._team)
+        if failed:
             raise RuntimeError("charlstm native step rejected its layout")  # a bug, not a user error
         return self._logits_view
 
     def close(self) -> None:
-        if getattr(self, "_pool", None) is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
         if getattr(self, "_team", None) and os.getpid() == self._team_pid:
             self._library.charlstm_team_free(self._team)
         self._team = None

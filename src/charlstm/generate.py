@@ -339,12 +339,16 @@ class Generator:
         streams = len(matchers)
         steps = self._window_steps(ids, streams) if mode == "window" else self._stateful_steps(ids, streams)
         chars = self.vocab.chars
+        watch = any(m.stops for m in matchers)  # without stop strings every character goes out as it is
         logits = next(steps)
         for t in range(length):
             chosen = sampler.pick(logits, t)
-            yield [m.feed(chars[i]) for m, i in zip(matchers, chosen.tolist())]
-            if all(m.stopped for m in matchers):
-                return
+            if not watch:
+                yield [chars[i] for i in chosen.tolist()]
+            else:
+                yield [m.feed(chars[i]) for m, i in zip(matchers, chosen.tolist())]
+                if all(m.stopped for m in matchers):
+                    return
             if t + 1 < length:
                 logits = steps.send(chosen)
         rest = [m.flush() for m in matchers]

@@ -27,10 +27,14 @@
  * work is split, so a stream's numbers do not depend on which other streams share its batch
  * nor on the number of threads.
  *
- * Splitting one step across threads (net->team): thread t computes panel range t of every
- * layer and of the head for all rows, then its units' cell update, and meets the others at a
- * spin barrier once per layer; each thread then reads only its share of the weights, which
- * stays in its own core's cache. Between steps the helper threads spin a while, then sleep.
+ * Splitting one step across threads, two ways, with one thread team:
+ *  - by panels (charlstm_step, net->team): thread t computes panel range t of every layer
+ *    and of the head for all rows, then its units' cell update, and meets the others at a
+ *    spin barrier once per layer; each thread then reads only its share of the weights,
+ *    which stays in its own core's cache;
+ *  - by rows (charlstm_step_rows): thread t steps its own shard of the batch, a Net of its
+ *    own, alone, and all meet at one barrier at the end.
+ * Between steps the helper threads spin a while, then sleep.
  */
 #define _GNU_SOURCE
 #include <math.h>
@@ -347,7 +351,8 @@ typedef struct Team {
     _Atomic int arrived;         /* barrier: threads arrived in this round */
     _Atomic unsigned round;      /* barrier: rounds completed */
     _Atomic int sleepers, quit;
-    const Net *_Atomic net;
+    const Net *_Atomic net;      /* the step asked for: one Net (panels) or one per thread (rows) */
+    _Atomic int rows;
     pthread_mutex_t lock;
     pthread_cond_t wake;
     pthread_t workers[MAX_THREADS];
@@ -466,7 +471,12 @@ static void *worker(void *arg)
             return 0;
         seen = atomic_load(&team->go);
         const Net *net = atomic_load(&team->net);
-        step_part(net, index, team->threads);
+        if (atomic_load(&team->rows)) {
+            step_part(net + index, 0, 1);
+            barrier(team);
+        } else {
+            step_part(net, index, team->threads);
+        }
     }
 }
 
@@ -512,29 +522,60 @@ Team *charlstm_team_new(int32_t threads)
     return team;
 }
 
+/* Whether net's layout is one this code steps with T threads sharing its panels. */
+static int valid(const Net *net, int T)
+{
+    const int H = net->units;
+    if (net->gates_padded % CHUNK || net->vocab_padded % CHUNK || (T > 1 && T != net->parts))
+        return 0;
+    if (net->parts > 1 && (H % (16 * net->parts) || net->gates_padded != 4 * H))
+        return 0;
+    if (net->bf16 && (H % 2 || !net->inputs_bf16))
+        return 0;
+    return T == 1 || net->h_next;
+}
+
+/* Hands the team's helpers a step: net (panels) or nets[1..] (rows). */
+static void start_helpers(Team *team, const Net *net, int rows)
+{
+    atomic_store(&team->net, net);
+    atomic_store(&team->rows, rows);
+    atomic_fetch_add(&team->go, 1);
+    if (atomic_load(&team->sleepers) > 0) {
+        pthread_mutex_lock(&team->lock);
+        pthread_cond_broadcast(&team->wake);
+        pthread_mutex_unlock(&team->lock);
+    }
+}
+
 /* One step: reads net->ids (B), updates net->h and net->c, writes net->logits. */
 int charlstm_step(const Net *net)
 {
-    const int H = net->units, T = net->team ? net->team->threads : 1;
-    if (net->gates_padded % CHUNK || net->vocab_padded % CHUNK || (T > 1 && T != net->parts))
+    const int T = net->team ? net->team->threads : 1;
+    if (!valid(net, T))
         return 1;
-    if (net->parts > 1 && (H % (16 * net->parts) || net->gates_padded != 4 * H))
-        return 1;
-    if (net->bf16 && (H % 2 || !net->inputs_bf16))
-        return 1;
-    if (T > 1 && !net->h_next)
-        return 1;
-    if (T > 1) {
-        Team *team = net->team;
-        atomic_store(&team->net, net);
-        atomic_fetch_add(&team->go, 1);
-        if (atomic_load(&team->sleepers) > 0) {
-            pthread_mutex_lock(&team->lock);
-            pthread_cond_broadcast(&team->wake);
-            pthread_mutex_unlock(&team->lock);
-        }
-    }
+    if (T > 1)
+        start_helpers(net->team, net, 0);
     step_part(net, 0, T);
+    return 0;
+}
+
+/* One step of a batch cut into `count` shards, nets[i] (each with no team of its own) for
+ * the rows of shard i: the caller steps shard 0, helper i of `team` (count threads) shard i. */
+int charlstm_step_rows(const Net *nets, int32_t count, Team *team)
+{
+    if (count < 1 || (count > 1 && (!team || team->threads != count)))
+        return 1;
+    for (int i = 0; i < count; i++)
+        if (nets[i].team || !valid(&nets[i], 1))
+            return 1;
+    if (count == 1) {
+        step_part(nets, 0, 1);
+        return 0;
+    }
+    start_helpers(team, nets, 1);
+    step_part(nets, 0, 1);
+    barrier(team);
     return 0;
 }
 
@@ -582,4 +623,4 @@ void charlstm_sample(int32_t rows, int32_t vocab, int64_t stride, const float *l
 }
 
 /* Lets the loader check that it talks to the file it compiled. */
-int charlstm_abi_version(void) { return 4; }
+int charlstm_abi_version(void) { return 5; }

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .fast_step import LeanWeights
 
 CHUNK = 64                       # outputs per packed panel; must match lstm_step.c
-NATIVE_ABI = 4                   # must match charlstm_abi_version() in lstm_step.c
+NATIVE_ABI = 5                   # must match charlstm_abi_version() in lstm_step.c
 NATIVE_CACHE_ENV = "CHARLSTM_NATIVE_CACHE"
 COMPILE_TIMEOUT_S = 120
 PRECISIONS = ("fp32", "bf16")
@@ -165,8 +165,12 @@ def native_library(cache_dir: Path | None = None, arch: str = "native") -> ctype
     if not library.is_file():
         _compile(compiler, source, library, failure, arch)
     lib = ctypes.CDLL(str(library))
+    if lib.charlstm_abi_version() != NATIVE_ABI:
+        raise CharLSTMError(f"{library} is not the expected native kernel; delete it and retry")
     lib.charlstm_step.argtypes = [ctypes.c_void_p]
     lib.charlstm_step.restype = ctypes.c_int
+    lib.charlstm_step_rows.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p]
+    lib.charlstm_step_rows.restype = ctypes.c_int
     lib.charlstm_sample.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_int64] + [ctypes.c_void_p] * 4
     lib.charlstm_sample.restype = None
     lib.charlstm_team_new.argtypes = [ctypes.c_int32]
@@ -175,8 +179,6 @@ def native_library(cache_dir: Path | None = None, arch: str = "native") -> ctype
     lib.charlstm_team_free.restype = None
     lib.charlstm_stream_sum.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]
     lib.charlstm_stream_sum.restype = ctypes.c_float
-    if lib.charlstm_abi_version() != NATIVE_ABI:
-        raise CharLSTMError(f"{library} is not the expected native kernel; delete it and retry")
     return lib
 
 

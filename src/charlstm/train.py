@@ -149,6 +149,7 @@ class Trainer:
         if config.val_chars:
             self.val_ids = fixed_sample(self.val_ids, config.val_chars)
         self.batches = self._make_batches()
+        self.shared_memory_sum = False  # DDP's gradients summed through shared memory (set by the wrap)
         self.ddp = self._wrap_distributed()
         self.optimizer = self._make_optimizer()
         self.position = Position()
@@ -203,7 +204,9 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        # gradients live in DDP's buckets: no copy into them before the all-reduce, none back after
+        wrapped = DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True)
+        self.shared_memory_sum = self.dist.sum_gradients_in_shared_memory(wrapped, self.model.num_parameters())
         if self.dist.rank:
             torch.manual_seed(self.config.seed + 7919 * self.dist.rank)
         return wrapped
@@ -222,16 +225,20 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         params = list(self.model.parameters())
+        # one kernel per parameter instead of a dozen: 4x faster on a CPU, where the default is a
+        # Python loop (0.9 vs 3.7 ms a step for the 2 x 256 model); under DDP every rank runs it
+        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
         if c.optimizer == "adam":
-            return torch.optim.Adam(params, lr=c.lr)
+            return torch.optim.Adam(params, lr=c.lr, **fused)
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=c.lr)
+        return torch.optim.AdamW(groups, lr=c.lr, **fused)
 
     def summary_lines(self) -> list[str]:
-        ranks = (f"  processes: {self.dist.world_size} (DDP, {'nccl' if self.device.type == 'cuda' else 'gloo'})"
-                 if self.dist.active else "")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        summed = ", gradients summed in shared memory" if self.shared_memory_sum else ""
+        ranks = f"  processes: {self.dist.world_size} (DDP, {backend}{summed})" if self.dist.active else ""
         return [
             f"Total Characters: {len(self.train_ids) + len(self.val_ids)}",
             f"Total Vocab: {len(self.vocab)}",
@@ -394,13 +401,16 @@ class Trainer:
         state = self.carry if (carried and pos.batch) else None
         bar = tqdm(total=len(self.batches), initial=pos.batch, desc=f"Epoch {pos.epoch}",
                    disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
+        agreement = None
         with bar:
             for x, y in self.batches.epoch(pos.epoch, start_batch=pos.batch):
                 t0 = time.perf_counter()
                 lr = self.lr_at(pos.step, self.elapsed())
                 if self.dist.active:  # every rank stops at the same step, with rank 0's schedule
-                    stop, (lr, late) = self.dist.agree(self._stop_requested, [lr, float(self._out_of_time())],
-                                                       self.device)
+                    # agreed while the previous step computed (the first one at once): one step late
+                    # for Ctrl-C and the clock, and the step's learning rate read a step early
+                    stop, (lr, late) = (agreement or self._agree_on_step(pos.step))()
+                    agreement = self._agree_on_step(pos.step + 1)
                     self._stop_requested, self._time_up = stop, bool(late)
                     if stop or late:
                         break
@@ -420,7 +430,14 @@ class Trainer:
                     break
                 if not self.dist.active and (self._stop_requested or self._out_of_time()):
                     break  # under DDP the ranks agree on it before the next step
+        if agreement is not None:
+            agreement()  # every rank started it: finish it before any other collective
         pos.elapsed = self.elapsed()
+
+    def _agree_on_step(self, step: int):
+        """Start the ranks' agreement on step ``step``: stop or not, rank 0's learning rate."""
+        return self.dist.agree_later(self._stop_requested, [self.lr_at(step, self.elapsed()),
+                                                            float(self._out_of_time())], self.device)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, state: State | None, lr: float
                    ) -> tuple[float, State]:
