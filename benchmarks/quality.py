@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += size_rows(args.sizes.split(","), args.recipes.split(","), args.size_budget, args.out, args.threads)
     print_table(rows, f"{cpu_name()}, torch {torch.__version__}, {args.threads} threads, started {started}; "
                       f"load average before {load_before}, after {load_average()}")
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     return 0
 
