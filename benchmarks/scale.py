@@ -14,9 +14,10 @@ Prints, with the machine and its load average:
    thread, 1 process x 2 threads, 2 processes x 1 thread under torchrun (DDP, gloo), the
    same global batch of 64 streams; and the time of one gloo all-reduce of the model's
    gradients (what DDP adds to each step) between 2 processes.
-4. Training and generation characters/s with a 5,000-symbol vocabulary against the 45-symbol
-   Alice one (randomly initialised models: speed does not depend on the weights), and the
-   share of the output head in the multiply-adds.
+4. Training and generation characters/s (generation in fp32 and in bf16, whose products
+   include the output layer's) with a 5,000-symbol vocabulary against the 45-symbol Alice one
+   (randomly initialised models: speed does not depend on the weights), and the share of the
+   output head in the multiply-adds.
 
 Every measurement runs in a child process, one after another, so that they never share the
 cores with each other; other users of the machine still may (see the load average).
@@ -125,7 +126,24 @@ def bench_throughput(data: Path, out: Path, steps: int) -> list[tuple[str, float
                      threads=threads)
         record = json.loads((target / "metrics.jsonl").read_text().splitlines()[-1])
         rows.append((label, record["chars_per_s"]))
+    rows.append(("2 independent processes x 1 thread, 32 streams each, no communication (the machine's ceiling "
+                 "for DDP)", bench_independent_pair(args, out / "pair")))
     return rows
+
+
+def bench_independent_pair(args: list[str], out: Path) -> float:
+    """Two single-process runs side by side, each with a DDP rank's half of the batch: what the
+    two cores give two processes when nothing is exchanged (summed characters/s)."""
+    half = [*args[:args.index("--batch-size")], "--batch-size", "32", *args[args.index("--batch-size") + 2:]]
+    procs = [subprocess.Popen(charlstm("train", *half, "--threads", "1", "--seed", str(i), "-o", str(out / str(i))),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(1), cwd=REPO, text=True)
+             for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"independent training run failed ({proc.returncode}):\n{err[-2000:]}")
+    return sum(json.loads((out / str(i) / "metrics.jsonl").read_text().splitlines()[-1])["chars_per_s"]
+               for i in range(2))
 
 
 ALLREDUCE_CODE = r"""
@@ -143,18 +161,31 @@ t = time.perf_counter()
 for _ in range(50):
     dist.all_reduce(grad)
 ms = (time.perf_counter() - t) / 50 * 1000
+# what charlstm uses when every rank is on this machine: the sum through shared memory
+from charlstm.distributed import Distributed, SharedMemorySum
+shared = SharedMemorySum.open(Distributed(dist.get_rank(), dist.get_world_size()), n)
+class Bucket:
+    def buffer(self):
+        return grad
+for _ in range(5):
+    shared.hook(None, Bucket())
+dist.barrier()
+t = time.perf_counter()
+for _ in range(50):
+    shared.hook(None, Bucket())
+shm_ms = (time.perf_counter() - t) / 50 * 1000
 if dist.get_rank() == 0:
-    print(n, ms)
+    print(n, ms, shm_ms)
 dist.destroy_process_group()
 """
 
 
-def bench_allreduce(vocab_size: int) -> tuple[int, float]:
+def bench_allreduce(vocab_size: int) -> tuple[int, float, float]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "--no-python", sys.executable, "-c", ALLREDUCE_CODE, str(vocab_size)]
     result = run_measured(cmd)
-    n, ms = result["stdout"].strip().splitlines()[-1].split()
-    return int(n), float(ms)
+    n, ms, shm_ms = result["stdout"].strip().splitlines()[-1].split()
+    return int(n), float(ms), float(shm_ms)
 
 
 # ----------------------------------------------------------------------- 4. large vocabulary
@@ -200,15 +231,16 @@ def timed(fn, n=3):
     return (time.perf_counter() - t) / n
 step_s = 64 * 50 / train
 gemm_s, head_s = timed(lambda: head_only(False)), timed(lambda: head_only(True))
-gen = Generator(TrainedModel(model.eval(), vocab))
 prime = "".join(vocab.chars[:20])
 out = {"vocab": V, "train": train, "step_ms": step_s * 1000, "gemm_ms": gemm_s * 1000,
        "ce_ms": max(head_s - gemm_s, 0.0) * 1000}
-for temperature in (0.0, 1.0):
-    gen.generate(prime, 20, sampling=SamplingConfig(temperature), seed=1)
-    t = time.perf_counter()
-    text = gen.generate(prime, chars, sampling=SamplingConfig(temperature), seed=1)
-    out[f"gen{temperature:g}"] = len(text) / (time.perf_counter() - t)
+for precision in ("fp32", "bf16"):  # bf16: the recurrence and the output layer in bf16 products
+    gen = Generator(TrainedModel(model.eval(), vocab), precision=precision)
+    for temperature in (0.0, 1.0):
+        gen.generate(prime, 20, sampling=SamplingConfig(temperature), seed=1)
+        t = time.perf_counter()
+        text = gen.generate(prime, chars, sampling=SamplingConfig(temperature), seed=1)
+        out[f"gen{temperature:g}{'' if precision == 'fp32' else precision}"] = len(text) / (time.perf_counter() - t)
 print(json.dumps(out))
 """
 
@@ -290,9 +322,10 @@ def main() -> None:
         print("|---|---:|---:|")
         for label, rate in rows:
             print(f"| {label} | {rate:,.0f} | {rate / base:.2f}x |")
-        n, ms = bench_allreduce(158)
-        print(f"\ngloo all-reduce of the {n:,} gradients (fp32, {n * 4 / 1e6:.1f} MB) between 2 processes: "
-              f"{ms:.1f} ms per step")
+        print(f"\nDDP gives {rows[2][1] / rows[3][1]:.0%} of what two processes that exchange nothing get together")
+        n, ms, shm_ms = bench_allreduce(158)
+        print(f"\nsumming the {n:,} gradients (fp32, {n * 4 / 1e6:.1f} MB) of 2 processes, per step: gloo all-reduce "
+              f"{ms:.2f} ms, through shared memory (what charlstm uses on one machine) {shm_ms:.2f} ms")
         print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
     bench_vocab_section(args)
@@ -303,13 +336,15 @@ def bench_vocab_section(args) -> None:
     train_steps, gen_chars = (3, 1000) if args.quick else (10, 4000)
     alice = bench_vocab(0, train_steps, gen_chars)
     big = bench_vocab(5000, train_steps, gen_chars)
-    print("| vocabulary | head share of multiply-adds | training chars/s | greedy chars/s | temperature 1 chars/s |")
-    print("|---|---:|---:|---:|---:|")
+    gens = ("gen0", "gen1", "gen0bf16", "gen1bf16")
+    print("| vocabulary | head share of multiply-adds | training chars/s | greedy chars/s | temperature 1 chars/s "
+          "| bf16 greedy chars/s | bf16 temperature 1 chars/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in (alice, big):
-        print(f"| {r['vocab']:,} symbols | {head_share(r['vocab']):.0%} | {r['train']:,.0f} | {r['gen0']:,.0f} | "
-              f"{r['gen1']:,.0f} |")
+        print(f"| {r['vocab']:,} symbols | {head_share(r['vocab']):.0%} | {r['train']:,.0f} | "
+              + " | ".join(f"{r[g]:,.0f}" for g in gens) + " |")
     print(f"| ratio {alice['vocab']} / {big['vocab']:,} | | {alice['train'] / big['train']:.2f}x | "
-          f"{alice['gen0'] / big['gen0']:.2f}x | {alice['gen1'] / big['gen1']:.2f}x |")
+          + " | ".join(f"{alice[g] / big[g]:.2f}x" for g in gens) + " |")
     print("\n| vocabulary | training step ms | output layer GEMMs ms | fp32 cross-entropy ms |")
     print("|---|---:|---:|---:|")
     for r in (alice, big):

@@ -13,7 +13,10 @@ every method is a no-op.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -81,14 +84,23 @@ class Distributed:
         dist.all_reduce(t)
         return t.tolist()
 
-    def agree(self, stop: bool, main_only: list[float], device: torch.device) -> tuple[bool, list[float]]:
-        """One small all-reduce per step: stop if any rank asks to; ``main_only`` values (the
-        learning rate, rank 0's clock) are taken from rank 0 so every rank does the same."""
+    def agree_later(self, stop: bool, main_only: list[float], device: torch.device
+                    ) -> Callable[[], tuple[bool, list[float]]]:
+        """Stop if any rank asks to; ``main_only`` values (the learning rate, rank 0's clock) are
+        taken from rank 0 so every rank does the same. Started now, finished when the returned
+        function is called: the small all-reduce runs in gloo's thread while this rank computes
+        a step, instead of making the ranks wait for each other once more per step."""
         if not self.active:
-            return stop, main_only
-        mine = [float(stop)] + [v if self.is_main else 0.0 for v in main_only]
-        summed = self.sum(mine, device)
-        return summed[0] > 0, summed[1:]
+            return lambda: (stop, list(main_only))
+        mine = torch.tensor([float(stop)] + [v if self.is_main else 0.0 for v in main_only], dtype=torch.float64,
+                            device=device)
+        work = dist.all_reduce(mine, async_op=True)
+
+        def result() -> tuple[bool, list[float]]:
+            work.wait()
+            summed = mine.tolist()
+            return summed[0] > 0, summed[1:]
+        return result
 
     def gather(self, obj) -> list | None:
         """Every rank's ``obj`` on rank 0 (None elsewhere); a collective every rank must call."""
@@ -110,6 +122,18 @@ class Distributed:
         if self.active:
             dist.barrier()
 
+    def sum_gradients_in_shared_memory(self, ddp: torch.nn.Module, numel: int) -> bool:
+        """Have ``ddp`` sum its gradient buckets through shared memory when every rank runs on
+        this machine's CPU (see ``SharedMemorySum``); False (DDP's own all-reduce) otherwise."""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == self.world_size
+        if not self.active or dist.get_backend() != "gloo" or not local:
+            return False
+        shared = SharedMemorySum.open(self, numel)
+        if shared is None:
+            return False
+        ddp.register_comm_hook(None, shared.hook)
+        return True
+
     def shard(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
         """This rank's contiguous piece of ``ids`` and where it starts (for sharded scoring)."""
         bounds = np.linspace(0, len(ids), self.world_size + 1).astype(np.int64)
@@ -118,3 +142,52 @@ class Distributed:
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
+
+
+SHARED_MEMORY_DIR = Path("/dev/shm")
+
+
+class SharedMemorySum:
+    """DDP's gradient all-reduce for ranks on one machine, through one shared-memory block:
+    each rank writes its bucket (already divided by the world size, as DDP's own hook does)
+    into its slot, the ranks meet at a barrier, and each adds the slots up itself, in rank
+    order, so every rank gets the same bits. (gloo's all-reduce goes through TCP loopback:
+    about 3 ms a step for the 2 x 256 model on a quiet 2-core machine.) Two sets of
+    slots alternate: a rank may write the next bucket while another still reads this one.
+    The file is unlinked as soon as every rank has mapped it, so nothing is left behind."""
+
+    def __init__(self, slots: torch.Tensor, rank: int):
+        self.slots, self.rank, self.calls = slots, rank, 0
+
+    @classmethod
+    def open(cls, group: Distributed, numel: int) -> "SharedMemorySum | None":
+        name = group.broadcast(f"charlstm-ddp-{os.getpid()}-{time.time_ns()}")
+        path, size = SHARED_MEMORY_DIR / name, 2 * group.world_size * numel
+        if group.is_main:
+            try:
+                with open(path, "wb") as handle:  # pages reserved now: a full /dev/shm fails here, not mid-run
+                    os.posix_fallocate(handle.fileno(), 0, size * 4)
+            except OSError:
+                path.unlink(missing_ok=True)
+        group.barrier()  # the same collectives on every rank, whatever failed
+        try:
+            slots = torch.from_file(str(path), shared=True, size=size, dtype=torch.float32)
+        except (OSError, RuntimeError):
+            slots = None
+        ok = group.sum([float(slots is not None)], torch.device("cpu"))[0] == group.world_size
+        group.barrier()  # everyone has mapped it (or given up): the name can go
+        if group.is_main:
+            path.unlink(missing_ok=True)
+        return cls(slots.view(2, group.world_size, numel), group.rank) if ok else None
+
+    def hook(self, _state, bucket):  # no annotations: DDP checks them, and these would be strings
+        """DDP's communication hook: the bucket's gradients averaged over the ranks, in place."""
+        grads = bucket.buffer()
+        slots = self.slots[self.calls % 2, :, :grads.numel()]
+        self.calls += 1
+        torch.div(grads, len(slots), out=slots[self.rank])
+        dist.barrier()
+        torch.sum(slots, dim=0, out=grads)
+        done = torch.futures.Future()
+        done.set_result(grads)
+        return done

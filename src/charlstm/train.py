@@ -48,8 +48,8 @@ from .finetune import load_init
 from .metrics import MetricsLog
 from .prepare import PreparedData
 from .model import REGULARISATION_FIELDS, CharLSTM, ModelConfig, State, detach_state
-from .recipes import (FINE_TUNING, FINE_TUNING_MODEL, PRESETS, TrainConfig, _fine_tuning_preset, _finish_train_config,
-                      preset_configs, split_overrides)
+from .recipes import (FINE_TUNING, FINE_TUNING_MODEL, FINE_TUNING_PASSES, PRESETS, TrainConfig, _fine_tuning_preset,
+                      _finish_train_config, preset_configs, split_overrides)
 from .records import BestEpoch, DataRecord, EpochRecord, Position, ResumeRecord, TrainingRecord
 from .train_state import pack_carry, pack_optimizer, pack_rng, restore_rng, unpack_carry, unpack_optimizer
 from .vocab import Vocab
@@ -149,6 +149,7 @@ class Trainer:
         if config.val_chars:
             self.val_ids = fixed_sample(self.val_ids, config.val_chars)
         self.batches = self._make_batches()
+        self.shared_memory_sum = False  # DDP's gradients summed through shared memory (set by the wrap)
         self.ddp = self._wrap_distributed()
         self.optimizer = self._make_optimizer()
         self.position = Position()
@@ -203,7 +204,9 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        # gradients live in DDP's buckets: no copy into them before the all-reduce, none back after
+        wrapped = DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True)
+        self.shared_memory_sum = self.dist.sum_gradients_in_shared_memory(wrapped, self.model.num_parameters())
         if self.dist.rank:
             torch.manual_seed(self.config.seed + 7919 * self.dist.rank)
         return wrapped
@@ -222,16 +225,20 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         params = list(self.model.parameters())
+        # one kernel per parameter instead of a dozen: 4x faster on a CPU, where the default is a
+        # Python loop (0.9 vs 3.7 ms a step for the 2 x 256 model); under DDP every rank runs it
+        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
         if c.optimizer == "adam":
-            return torch.optim.Adam(params, lr=c.lr)
+            return torch.optim.Adam(params, lr=c.lr, **fused)
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=c.lr)
+        return torch.optim.AdamW(groups, lr=c.lr, **fused)
 
     def summary_lines(self) -> list[str]:
-        ranks = (f"  processes: {self.dist.world_size} (DDP, {'nccl' if self.device.type == 'cuda' else 'gloo'})"
-                 if self.dist.active else "")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        summed = ", gradients summed in shared memory" if self.shared_memory_sum else ""
+        ranks = f"  processes: {self.dist.world_size} (DDP, {backend}{summed})" if self.dist.active else ""
         return [
             f"Total Characters: {len(self.train_ids) + len(self.val_ids)}",
             f"Total Vocab: {len(self.vocab)}",
@@ -286,10 +293,9 @@ class Trainer:
             return c.lr * (step + 1) / c.warmup_steps
         if c.schedule == "constant":
             return c.lr
-        if c.time_budget:
-            progress = elapsed / max(c.time_budget - self.reserve_seconds(), 1e-9)
-        else:
-            progress = step / max(1, c.epochs * len(self.batches))
+        progress = step / max(1, c.epochs * len(self.batches))
+        if c.time_budget:  # the schedule ends with the budget or the last epoch, whichever comes first
+            progress = max(progress, elapsed / max(c.time_budget - self.reserve_seconds(), 1e-9))
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return c.lr * (c.final_lr_fraction + (1 - c.final_lr_fraction) * cosine)
 
@@ -394,13 +400,16 @@ class Trainer:
         state = self.carry if (carried and pos.batch) else None
         bar = tqdm(total=len(self.batches), initial=pos.batch, desc=f"Epoch {pos.epoch}",
                    disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
+        agreement = None
         with bar:
             for x, y in self.batches.epoch(pos.epoch, start_batch=pos.batch):
                 t0 = time.perf_counter()
                 lr = self.lr_at(pos.step, self.elapsed())
                 if self.dist.active:  # every rank stops at the same step, with rank 0's schedule
-                    stop, (lr, late) = self.dist.agree(self._stop_requested, [lr, float(self._out_of_time())],
-                                                       self.device)
+                    # agreed while the previous step computed (the first one at once): one step late
+                    # for Ctrl-C and the clock, and the step's learning rate read a step early
+                    stop, (lr, late) = (agreement or self._agree_on_step(pos.step))()
+                    agreement = self._agree_on_step(pos.step + 1)
                     self._stop_requested, self._time_up = stop, bool(late)
                     if stop or late:
                         break
@@ -420,7 +429,14 @@ class Trainer:
                     break
                 if not self.dist.active and (self._stop_requested or self._out_of_time()):
                     break  # under DDP the ranks agree on it before the next step
+        if agreement is not None:
+            agreement()  # every rank started it: finish it before any other collective
         pos.elapsed = self.elapsed()
+
+    def _agree_on_step(self, step: int):
+        """Start the ranks' agreement on step ``step``: stop or not, rank 0's learning rate."""
+        return self.dist.agree_later(self._stop_requested, [self.lr_at(step, self.elapsed()),
+                                                            float(self._out_of_time())], self.device)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, state: State | None, lr: float
                    ) -> tuple[float, State]:
@@ -736,7 +752,8 @@ def _fit_from_init(corpus: Corpus, init: str | Path, preset: str, log, progress:
     preset_model, preset_train = PRESETS[_fine_tuning_preset(preset, ModelConfig(vocab_size=1))]
     regularisation = {**{k: v for k, v in preset_model.items() if k in REGULARISATION_FIELDS}, **FINE_TUNING_MODEL}
     started = load_init(init, vocab, {**regularisation, **model_over})
-    train_config = _finish_train_config({**preset_train, **FINE_TUNING, **train_over}, train_over)
+    train_config = _finish_train_config({**preset_train, **FINE_TUNING, "epochs": FINE_TUNING_PASSES, **train_over},
+                                        train_over, epochs_bound_budget=True)
     ids = vocab.encode(corpus.text)
     _check_length(ids, started.model.config, train_config)
     record = started.record
@@ -744,6 +761,9 @@ def _fit_from_init(corpus: Corpus, init: str | Path, preset: str, log, progress:
     log(f"starting from {record['init']} ({started.model.num_parameters():,} parameters): "
         f"{record['characters_shared']} of the text's {len(vocab)} characters known"
         + (f", new: {new!r}" if new else ""))
+    if "epochs" not in train_over:
+        budget = " or the time budget, whichever ends first" if train_config.time_budget else ""
+        log(f"fine-tuning plans {FINE_TUNING_PASSES} passes over the text{budget} (--epochs to change)")
     trainer = Trainer(started.model, vocab, ids, train_config, corpus=corpus, log=log, progress=progress,
                       init=record)
     return trainer.fit()

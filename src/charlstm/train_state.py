@@ -66,12 +66,18 @@ def unpack_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.
         raise CharLSTMError(f"the checkpoint's optimiser state does not load ({err})") from None
 
 
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def _checked_group(saved: dict, current: dict) -> dict:
     """A saved parameter group with every setting of the type this optimiser uses (a string
     learning rate would only fail at the first step, mid-run)."""
     group = {"params": saved["params"]}
     for key, now in current.items():
         if key == "params":
+            continue
+        if key in IMPLEMENTATION_KEYS:  # how this run computes the step, not a setting to restore
+            group[key] = now
             continue
         value = saved.get(key, now)
         if isinstance(now, bool) or now is None or isinstance(now, str):
