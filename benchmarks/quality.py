@@ -9,8 +9,13 @@ to right with the state carried, as training's validation does. Rows (``--rows``
 * ``dynamic``: static vs dynamic evaluation of the best Alice checkpoint of this run;
 * ``heldout``: the base on a book it never saw (Kipling's "The Jungle Book": the base's
   training held out every Kipling book), static and dynamic, its first ``--heldout-chars``;
+* ``sizes``: corpora of ~150 kB, 1 MB, 10 MB and 100 MB cut from the shared Gutenberg books
+  (``--sizes``), each trained from scratch for the largest budget with the fixed default
+  recipe (the preset's settings given explicitly) and with the adaptive default; a size where
+  the adaptive rule picks the preset's own settings is trained once and reported for both;
 
-Training runs are ``charlstm train`` child processes, one at a time. The table says which CPU,
+Training runs are ``charlstm train`` child processes, one at a time (run two copies of this
+script pinned to different cores, ``taskset -c N ... --threads 1``, to use both). The table says which CPU,
 the torch version and the load average before and after, because the machine may be shared.
 
     python benchmarks/quality.py --rows finetune,dynamic,heldout --budgets 1,3,10
@@ -22,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import time
@@ -39,12 +45,18 @@ from charlstm.data import split_train_val  # noqa: E402
 from charlstm.dynamic_eval import DynamicConfig, dynamic_evaluate  # noqa: E402
 from charlstm.finetune import PRETRAINED  # noqa: E402
 from charlstm.evaluate import evaluate_ids  # noqa: E402
+from charlstm.recipes import PRESETS, adaptive_default  # noqa: E402
 from train_quality import cpu_name  # noqa: E402
 
 LN2 = math.log(2.0)
 SHARED = REPO.parent / "shared" / "corpora"
 ALICE = SHARED / "pg11.txt"
 HELDOUT_BOOK = SHARED / "gutenberg" / "Kipling, Rudyard" / "The Jungle Book.txt"
+SIZES = {"150k": 150_000, "1M": 1_000_000, "10M": 10_000_000, "100M": 100_000_000}
+# the default preset's own settings, given explicitly so that the adaptive rule leaves them be
+FIXED_DEFAULT = ["--units", "256", "--dropout", "0.4", "--weight-drop", "0.4", "--bptt", "50"]
+# a fixed part of a big validation text, so that every size is scored on at most this much
+SIZES_VAL_CHARS = 200_000
 
 
 @dataclass
@@ -73,16 +85,19 @@ def train_run(name: str, budget_min: float, text: Path, out: Path, extra: list[s
                        env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     best = checkpoint.load(run_dir / "best.safetensors")
     history = best.training.history
+    recipe = next((line.strip() for line in (run_dir / "train.log").read_text().splitlines()
+                   if line.startswith("Recipe:")), "")
     return {"path": run_dir / "best.safetensors", "val_loss": best.training.best.val_loss,
             "epochs": len(history), "elapsed": history[-1].elapsed,
-            "chars_per_s": sum(h.chars_per_s for h in history) / len(history)}
+            "chars_per_s": sum(h.chars_per_s for h in history) / len(history), "recipe": recipe}
 
 
 def training_rows(kind: str, budgets: list[float], out: Path, threads: int,
-                  options: list[str]) -> tuple[list[Row], Path | None]:
+                  options: list[str], init: str = "english") -> tuple[list[Row], Path | None]:
     rows, best_path, best_loss = [], None, math.inf
-    extra = (["--init", "english"] if kind == "finetune" else []) + options
-    label = "Alice, fine-tuned from the English base" if kind == "finetune" else "Alice, from scratch (default)"
+    extra = (["--init", init] if kind == "finetune" else []) + options
+    base = "the English base" if init == "english" else Path(init).parent.name
+    label = f"Alice, fine-tuned from {base}" if kind == "finetune" else "Alice, from scratch (default)"
     label += f" ({' '.join(options)})" if options else ""
     for budget in budgets:
         run = train_run(kind, budget, ALICE, out, extra, threads)
@@ -122,6 +137,48 @@ def heldout_rows(chars: int, dynamic: DynamicConfig) -> list[Row]:
     return static_and_dynamic('the base on "The Jungle Book" (Kipling, never seen)', base, ids[:0], ids, dynamic)
 
 
+def size_corpus(label: str, chars: int, out: Path) -> Path:
+    """The first ``chars`` characters of the shared books, taken in a fixed shuffled order (so
+    that every size mixes authors), each book cleaned of its Gutenberg header and footer."""
+    path = out / "sizes" / f"{label}.txt"
+    if path.is_file():
+        return path
+    books = sorted((SHARED / "gutenberg").glob("*/*.txt"))
+    random.Random(0).shuffle(books)
+    keep_all = Normalization(lowercase=False, strip_punctuation=False, strip_gutenberg=True)
+    parts, total = [], 0
+    for book in books:
+        text = normalize(read_text_file(book), keep_all).strip() + "\n\n\n"
+        parts.append(text[: chars - total])
+        total += len(parts[-1])
+        if total >= chars:
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(parts), encoding="utf-8")
+    return path
+
+
+def size_rows(labels: list[str], recipes: list[str], budget_min: float, out: Path, threads: int) -> list[Row]:
+    """Each corpus size from scratch: the fixed default against the adaptive one."""
+    rows = []
+    for label in labels:
+        text = size_corpus(label, SIZES[label], out)
+        train_chars = int(0.9 * SIZES[label])
+        model, train = adaptive_default(train_chars, budget_min * 60, 50).settings()
+        preset_model, preset_train = PRESETS["default"]
+        same = all(preset_model[k] == v for k, v in model.items()) and preset_train["bptt"] == train["bptt"]
+        for recipe in recipes:
+            if same and recipe == "adaptive" and "fixed" in recipes:
+                continue
+            extra = (FIXED_DEFAULT if recipe == "fixed" else []) + ["--val-chars", str(SIZES_VAL_CHARS)]
+            run = train_run(f"size-{label}-{recipe}", budget_min, text, out, extra, threads)
+            what = f"{label} corpus, {'fixed and adaptive default (the same settings)' if same else recipe + ' default'}"
+            rows.append(Row(what, f"{budget_min:g} min", run["val_loss"], run["elapsed"],
+                            f"{run['epochs']} evaluations, {run['chars_per_s']:,.0f} chars/s; {run['recipe']}"))
+            print(f"# {what}: {run['val_loss']:.4f} nats/char", flush=True)
+    return rows
+
+
 def print_table(rows: list[Row], header: str) -> None:
     print(header)
     print("| what | budget | nats/char | bits/char | seconds | notes |")
@@ -142,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dynamic-lr", type=float, default=DynamicConfig.lr)
     parser.add_argument("--dynamic-segment", type=int, default=DynamicConfig.segment)
     parser.add_argument("--dynamic-decay", type=float, default=DynamicConfig.decay)
+    parser.add_argument("--sizes", default=",".join(SIZES), help="corpus sizes of the sizes row")
+    parser.add_argument("--recipes", default="fixed,adaptive", help="recipes of the sizes row")
+    parser.add_argument("--size-budget", type=float, default=10.0, help="minutes per run of the sizes row")
+    parser.add_argument("--init", default="english", help="what the finetune row starts from (english or a checkpoint)")
     parser.add_argument("--checkpoint", type=Path, help="the Alice checkpoint for the dynamic row "
                         "(default: the best fine-tuned one of this run)")
     args = parser.parse_args(argv)
@@ -153,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     best_alice = args.checkpoint
     if "finetune" in rows_wanted:
-        tuned, best_tuned = training_rows("finetune", budgets, args.out, args.threads, args.train_options.split())
+        tuned, best_tuned = training_rows("finetune", budgets, args.out, args.threads, args.train_options.split(),
+                                          args.init)
         rows += tuned
         best_alice = best_alice or best_tuned
     if "scratch" in rows_wanted:
@@ -166,8 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         rows += static_and_dynamic(f"Alice's last 10 %, {best_alice.parent.name}", best_alice, context, val, dynamic)
     if "heldout" in rows_wanted:
         rows += heldout_rows(args.heldout_chars, dynamic)
+    if "sizes" in rows_wanted:
+        rows += size_rows(args.sizes.split(","), args.recipes.split(","), args.size_budget, args.out, args.threads)
     print_table(rows, f"{cpu_name()}, torch {torch.__version__}, {args.threads} threads, started {started}; "
                       f"load average before {load_before}, after {load_average()}")
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     return 0
 

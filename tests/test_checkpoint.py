@@ -39,6 +39,16 @@ def test_round_trip_keeps_everything(tmp_path, kw):
     assert torch.equal(trained.model(ids)[0], loaded.model(ids)[0])
 
 
+def test_a_record_without_a_text_fingerprint_loads(tmp_path):
+    """scripts/train_base.py records its data without a fingerprint: saving and shipping such a
+    model must give a file that loads, as --init english loads the shipped base."""
+    trained = _trained()
+    trained.training = TrainingRecord.from_json({"data": {"sources": ["a.txt"], "characters": 9}})
+    assert trained.training.to_json()["data"]["fingerprint"] is None
+    loaded = checkpoint.load(checkpoint.save(tmp_path / "m.safetensors", trained))
+    assert loaded.training.data.sources == ["a.txt"] and loaded.training.data.fingerprint is None
+
+
 def test_template_names_like_keras():
     assert checkpoint_name("weights-improvement-{epoch:02d}-{loss:.4f}", 1, 2.71828) == \
         "weights-improvement-01-2.7183.safetensors"

@@ -15,7 +15,7 @@ from charlstm.corpus import Corpus, Normalization
 from charlstm.errors import CharLSTMError
 from charlstm.evaluate import evaluate_ids
 from charlstm.model import CharLSTM, ModelConfig
-from charlstm.recipes import FINE_TUNING, FINE_TUNING_MODEL
+from charlstm.recipes import FINE_TUNING, FINE_TUNING_MODEL, FINE_TUNING_PASSES
 from charlstm.train import fit
 from charlstm.vocab import Vocab
 
@@ -87,6 +87,15 @@ def test_fine_tuning_schedule_and_regularisation_defaults(tmp_path, base_path, p
     model = result.trained.config
     assert (model.units, model.layers) == (48, 1)  # the base's network
     assert model.weight_drop == FINE_TUNING_MODEL["weight_drop"] and model.variational
+
+
+def test_fine_tuning_stops_after_its_passes_even_with_time_left(tmp_path, base_path, pg11, capsys):
+    corpus = Corpus.from_string(Corpus.from_files(pg11).text[:3000])
+    result = fit(corpus, init=str(base_path), output_dir=str(tmp_path), time_budget=600.0, batch_size=8, bptt=40,
+                 **QUIET)
+    config = result.trained.training.config
+    assert config["epochs"] == FINE_TUNING_PASSES and len(result.history) == FINE_TUNING_PASSES
+    assert result.history[-1].lr < 0.1 * FINE_TUNING["lr"]  # the cosine ended with the passes, not the budget
 
 
 def test_init_errors_are_one_line(tmp_path, base_path, small_text, capsys, monkeypatch):

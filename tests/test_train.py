@@ -182,6 +182,19 @@ def test_time_budget_schedule_ends_on_the_final_rate(small_corpus):
     assert config.epochs > 1000  # the budget, not the epoch count, ends the run
 
 
+def test_with_epochs_and_a_budget_the_schedule_ends_with_whichever_comes_first(small_corpus):
+    vocab = Vocab.from_text(small_corpus.text)
+    model_config, config = preset_configs("default", len(vocab), time_budget=100.0, epochs=2, warmup_steps=0,
+                                          lr=1e-3, final_lr_fraction=0.1, **{k: v for k, v in SMALL.items()
+                                                                             if k not in ("lr", "warmup_steps")})
+    trainer = Trainer(CharLSTM(model_config), vocab, vocab.encode(small_corpus.text), config, **QUIET)
+    trainer.eval_seconds = 0.0
+    last_step = 2 * len(trainer.batches)
+    assert math.isclose(trainer.lr_at(last_step // 2, 1.0), 1e-3 * (0.1 + 0.9 * 0.5))  # the epochs end first
+    assert math.isclose(trainer.lr_at(last_step, 1.0), 1e-4)
+    assert math.isclose(trainer.lr_at(1, 100.0 - trainer.reserve_seconds()), 1e-4)  # the budget ends first
+
+
 def test_streams_continue_each_other_and_move_between_epochs(tmp_path):
     ids = (np.arange(5000) % 251).astype(np.uint8)
     save_ids(tmp_path / "ids.npy", ids)

@@ -279,7 +279,7 @@ _POSITION = {"epoch": _is_int, "batch": _is_int, "step": _is_int, "elapsed": _is
              "targets": _is_int, "epoch_seconds": _is_number,
              "best_path": lambda v: v is None or isinstance(v, str), "improvements": _is_str_list}
 _DATA = {"sources": _is_str_list, "characters": _is_int, "train_characters": _is_int,
-         "val_characters": _is_int, "fingerprint": lambda v: isinstance(v, str)}
+         "val_characters": _is_int, "fingerprint": lambda v: v is None or isinstance(v, str)}
 _BASELINE = {"name": lambda v: isinstance(v, str), "bits_per_char": _is_number}
 
 

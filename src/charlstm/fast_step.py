@@ -387,13 +387,16 @@ def _median_step_seconds(makers: dict[str, Callable[[], Stepper]], batch_size: i
                          rounds: int = 5) -> dict[str, float]:
     """Rounds interleaved, so that a busy moment of the machine hits every way alike; each
     stepper made afresh and closed after its timing, so that no idle helper thread competes
-    with the next one."""
+    with the next one. As many untimed steps first: a fresh helper thread's first steps wait
+    for its core to wake up (milliseconds on a virtual machine), which would hide what the
+    split gives."""
     ids = np.zeros(batch_size, dtype=np.int64)
     samples: dict[str, list[float]] = {name: [] for name in makers}
     for _ in range(rounds):
         for name, make in makers.items():
             stepper = make()
-            stepper.step(ids)
+            for _ in range(steps):
+                stepper.step(ids)
             start = time.perf_counter()
             for _ in range(steps):
                 stepper.step(ids)

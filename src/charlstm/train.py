@@ -48,8 +48,8 @@ from .finetune import load_init
 from .metrics import MetricsLog
 from .prepare import PreparedData
 from .model import REGULARISATION_FIELDS, CharLSTM, ModelConfig, State, detach_state
-from .recipes import (FINE_TUNING, FINE_TUNING_MODEL, PRESETS, TrainConfig, _fine_tuning_preset, _finish_train_config,
-                      preset_configs, split_overrides)
+from .recipes import (FINE_TUNING, FINE_TUNING_MODEL, FINE_TUNING_PASSES, PRESETS, TrainConfig, _fine_tuning_preset,
+                      _finish_train_config, preset_configs, split_overrides)
 from .records import BestEpoch, DataRecord, EpochRecord, Position, ResumeRecord, TrainingRecord
 from .train_state import pack_carry, pack_optimizer, pack_rng, restore_rng, unpack_carry, unpack_optimizer
 from .vocab import Vocab
@@ -293,10 +293,9 @@ class Trainer:
             return c.lr * (step + 1) / c.warmup_steps
         if c.schedule == "constant":
             return c.lr
-        if c.time_budget:
-            progress = elapsed / max(c.time_budget - self.reserve_seconds(), 1e-9)
-        else:
-            progress = step / max(1, c.epochs * len(self.batches))
+        progress = step / max(1, c.epochs * len(self.batches))
+        if c.time_budget:  # the schedule ends with the budget or the last epoch, whichever comes first
+            progress = max(progress, elapsed / max(c.time_budget - self.reserve_seconds(), 1e-9))
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return c.lr * (c.final_lr_fraction + (1 - c.final_lr_fraction) * cosine)
 
@@ -753,7 +752,8 @@ def _fit_from_init(corpus: Corpus, init: str | Path, preset: str, log, progress:
     preset_model, preset_train = PRESETS[_fine_tuning_preset(preset, ModelConfig(vocab_size=1))]
     regularisation = {**{k: v for k, v in preset_model.items() if k in REGULARISATION_FIELDS}, **FINE_TUNING_MODEL}
     started = load_init(init, vocab, {**regularisation, **model_over})
-    train_config = _finish_train_config({**preset_train, **FINE_TUNING, **train_over}, train_over)
+    train_config = _finish_train_config({**preset_train, **FINE_TUNING, "epochs": FINE_TUNING_PASSES, **train_over},
+                                        train_over, epochs_bound_budget=True)
     ids = vocab.encode(corpus.text)
     _check_length(ids, started.model.config, train_config)
     record = started.record
@@ -761,6 +761,9 @@ def _fit_from_init(corpus: Corpus, init: str | Path, preset: str, log, progress:
     log(f"starting from {record['init']} ({started.model.num_parameters():,} parameters): "
         f"{record['characters_shared']} of the text's {len(vocab)} characters known"
         + (f", new: {new!r}" if new else ""))
+    if "epochs" not in train_over:
+        budget = " or the time budget, whichever ends first" if train_config.time_budget else ""
+        log(f"fine-tuning plans {FINE_TUNING_PASSES} passes over the text{budget} (--epochs to change)")
     trainer = Trainer(started.model, vocab, ids, train_config, corpus=corpus, log=log, progress=progress,
                       init=record)
     return trainer.fit()
