@@ -33,7 +33,7 @@ from .distributed import Distributed
 from .model import INPUTS, TARGETS
 from .native import PRECISIONS as STEP_PRECISIONS
 from .prepare import PrepareConfig, PreparedData, prepare
-from .recipes import (BATCHINGS, MONITORS, OPTIMIZERS, OPTION_NAMES, PRECISIONS, PRESETS, SCHEDULES,
+from .recipes import (BATCHINGS, GRADIENT_SUMS, MONITORS, OPTIMIZERS, OPTION_NAMES, PRECISIONS, PRESETS, SCHEDULES,
                       option_help, preset_configs)
 from .train import fit
 
@@ -163,6 +163,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     option("seed", type=int)
     option("device")
     option("precision", choices=PRECISIONS)
+    option("gradient_sum", choices=GRADIENT_SUMS)
     option("threads", type=int)
     option("keep", type=int, metavar="N")
     option("ignore_lock", action="store_true", default=None)

@@ -22,6 +22,7 @@ SCHEDULES = ("constant", "cosine")
 BATCHINGS = ("windows", "streams", "sentences")
 MONITORS = ("loss", "val_loss")
 PRECISIONS = ("auto", "fp32", "bf16")
+GRADIENT_SUMS = ("auto", "gloo")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class TrainConfig:
     seed: int = knob(0, "random seed, for reproducible runs")
     device: str = knob("auto", "auto, cpu, cuda, cuda:N or mps")
     precision: str = knob("auto", "bf16 autocast where the hardware has it (auto), or always fp32 or bf16")
+    gradient_sum: str = knob("auto", "under torchrun with every rank on this machine's CPU: sum the gradients "
+                             "through shared memory (auto), or always with gloo's all-reduce (gloo)")
     threads: int = knob(0, "CPU threads for PyTorch (0 = its own choice)")
     time_budget: float | None = knob(None, "seconds: stop by then, the schedule planned to end on time")
     patience: int = knob(0, "stop after this many epochs without improvement (0 = never)")
@@ -84,7 +87,7 @@ class TrainConfig:
         check_seed(self.seed)
         check_threads(self.threads)
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "batching": BATCHINGS, "monitor": MONITORS,
-                   "precision": PRECISIONS}
+                   "precision": PRECISIONS, "gradient_sum": GRADIENT_SUMS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise CharLSTMError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")

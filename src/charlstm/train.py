@@ -206,7 +206,8 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         # gradients live in DDP's buckets: no copy into them before the all-reduce, none back after
         wrapped = DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True)
-        self.shared_memory_sum = self.dist.sum_gradients_in_shared_memory(wrapped, self.model.num_parameters())
+        if self.config.gradient_sum == "auto":
+            self.shared_memory_sum = self.dist.sum_gradients_in_shared_memory(wrapped, self.model.num_parameters())
         if self.dist.rank:
             torch.manual_seed(self.config.seed + 7919 * self.dist.rank)
         return wrapped
