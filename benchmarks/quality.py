@@ -53,8 +53,6 @@ SHARED = REPO.parent / "shared" / "corpora"
 ALICE = SHARED / "pg11.txt"
 HELDOUT_BOOK = SHARED / "gutenberg" / "Kipling, Rudyard" / "The Jungle Book.txt"
 SIZES = {"150k": 150_000, "1M": 1_000_000, "10M": 10_000_000, "100M": 100_000_000}
-# the default preset's own settings, given explicitly so that the adaptive rule leaves them be
-FIXED_DEFAULT = ["--units", "256", "--dropout", "0.4", "--weight-drop", "0.4", "--bptt", "50"]
 # a fixed part of a big validation text, so that every size is scored on at most this much
 SIZES_VAL_CHARS = 200_000
 
@@ -158,19 +156,34 @@ def size_corpus(label: str, chars: int, out: Path) -> Path:
     return path
 
 
+def rule_settings(train_chars: int, budget_seconds: float) -> dict:
+    """What the adaptive default chooses for this text and budget."""
+    model, train = adaptive_default(train_chars, budget_seconds, PRESETS["default"][1]["epochs"]).settings()
+    return {**model, **train}
+
+
+def preset_settings(settings: dict) -> dict:
+    """The default preset's values of the same settings."""
+    preset = {**PRESETS["default"][0], **PRESETS["default"][1]}
+    return {name: preset[name] for name in settings}
+
+
+def as_options(settings: dict) -> list[str]:
+    return [word for name, value in settings.items() for word in (f"--{name.replace('_', '-')}", str(value))]
+
+
 def size_rows(labels: list[str], recipes: list[str], budget_min: float, out: Path, threads: int) -> list[Row]:
     """Each corpus size from scratch: the fixed default against the adaptive one."""
     rows = []
     for label in labels:
         text = size_corpus(label, SIZES[label], out)
-        train_chars = int(0.9 * SIZES[label])
-        model, train = adaptive_default(train_chars, budget_min * 60, 50).settings()
-        preset_model, preset_train = PRESETS["default"]
-        same = all(preset_model[k] == v for k, v in model.items()) and preset_train["bptt"] == train["bptt"]
+        chosen = rule_settings(int(0.9 * SIZES[label]), budget_min * 60)
+        fixed = preset_settings(chosen)  # the preset's own values, given explicitly so that the rule leaves them be
+        same = chosen == fixed
         for recipe in recipes:
             if same and recipe == "adaptive" and "fixed" in recipes:
                 continue
-            extra = (FIXED_DEFAULT if recipe == "fixed" else []) + ["--val-chars", str(SIZES_VAL_CHARS)]
+            extra = (as_options(fixed) if recipe == "fixed" else []) + ["--val-chars", str(SIZES_VAL_CHARS)]
             run = train_run(f"size-{label}-{recipe}", budget_min, text, out, extra, threads)
             what = f"{label} corpus, {'fixed and adaptive default (the same settings)' if same else recipe + ' default'}"
             rows.append(Row(what, f"{budget_min:g} min", run["val_loss"], run["elapsed"],
