@@ -33,8 +33,8 @@ from .distributed import Distributed
 from .model import INPUTS, TARGETS
 from .native import PRECISIONS as STEP_PRECISIONS
 from .prepare import PrepareConfig, PreparedData, prepare
-from .recipes import (BATCHINGS, GRADIENT_SUMS, MONITORS, OPTIMIZERS, OPTION_NAMES, PRECISIONS, PRESETS, SCHEDULES,
-                      option_help, preset_configs)
+from .recipes import (BATCHINGS, GRADIENT_SUMS, HEAD_CHOICES, MONITORS, OPTIMIZERS, OPTION_NAMES, PRECISIONS,
+                      PRESETS, SCHEDULES, option_help, preset_configs)
 from .train import fit
 
 EXIT_USAGE = 2
@@ -67,6 +67,16 @@ def _temperatures(text: str) -> tuple[float, ...]:
         values = ()
     if not values:
         raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.2,0.5,1.0, not {text!r}")
+    return values
+
+
+def _cutoffs(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers such as 500,2000, not {text!r}")
     return values
 
 
@@ -140,6 +150,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     option("weight_drop", type=float)
     option("variational", action=argparse.BooleanOptionalAction, default=None)
     option("window", type=_positive_int)
+    option("head", choices=HEAD_CHOICES)
+    option("head_cutoffs", type=_cutoffs, metavar="N[,N...]")
     option("epochs", type=_positive_int)
     option("batch_size", type=_positive_int)
     option("lr", type=float)
@@ -373,7 +385,8 @@ def prepare_training(args: argparse.Namespace) -> dict:
     generation options. Returns the training overrides."""
     overrides = {name: value for name, value in vars(args).items() if name in OPTION_NAMES}
     if args.resume is None and args.init is None:
-        preset_configs(args.preset, 2, **overrides)  # validates both configs with these values
+        # validates both configs with these values (the head's depend on the vocabulary: later)
+        preset_configs(args.preset, 2, **{k: v for k, v in overrides.items() if k not in ("head", "head_cutoffs")})
     else:
         check_seed(args.seed)
         check_threads(args.threads)

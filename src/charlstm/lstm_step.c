@@ -726,5 +726,90 @@ void charlstm_sample(int32_t rows, int32_t vocab, int64_t stride, const float *l
     free(sums);
 }
 
+/* ------------------------------------------------------------------ adaptive head */
+
+/* log(sum(exp(x[j] - top))) + top over n values: the log-normaliser of a softmax. */
+static float log_sum_exp(const float *x, int n)
+{
+    const float top = row_max(x, n);
+    float lanes[LANES] = {0};
+    int j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int k = 0; k < LANES; k++)
+            lanes[k] += exp_clamped(x[j + k] - top);
+    for (; j < n; j++)
+        lanes[0] += exp_clamped(x[j] - top);
+    float sum = 0.0f;
+    for (int k = 0; k < LANES; k++)
+        sum += lanes[k];
+    return top + logf(sum);
+}
+
+/* out[c] = bias[c] + sum_k x[k] w[k][c] for c < n: w row-major (K, n). Four vectors of
+ * outputs at a time stay in registers over all k (one load per multiply-add). */
+static void dense_row(int K, int n, const float *x, const float *w, const float *bias, float *out)
+{
+    int c0 = 0;
+    for (; c0 + CHUNK <= n; c0 += CHUNK) {
+        vec acc[VECS];
+        for (int v = 0; v < VECS; v++)
+            acc[v] = bias ? load(bias + c0 + v * LANES) : (vec){0};
+        for (int k = 0; k < K; k++) {
+            const float *wk = w + (long)k * n + c0;
+            for (int v = 0; v < VECS; v++)
+                acc[v] += x[k] * load(wk + v * LANES);
+        }
+        for (int v = 0; v < VECS; v++)
+            store(out + c0 + v * LANES, acc[v]);
+    }
+    for (; c0 + LANES <= n; c0 += LANES) {
+        vec acc = bias ? load(bias + c0) : (vec){0};
+        for (int k = 0; k < K; k++)
+            acc += x[k] * load(w + (long)k * n + c0);
+        store(out + c0, acc);
+    }
+    for (int c = c0; c < n; c++) {
+        float sum = bias ? bias[c] : 0.0f;
+        for (int k = 0; k < K; k++)
+            sum += x[k] * w[(long)k * n + c];
+        out[c] = sum;
+    }
+}
+
+/* The adaptive softmax head past its shortlist layer (charlstm.adaptive), for each of B rows:
+ * first (B, shortlist + clusters; row stride first_stride) holds the shortlist layer's
+ * outputs, top (B, H) the top layer's output. Cluster i (ranks bounds[i]..bounds[i+1]) is
+ * projected to dims[i] features (projections[i]: (H, dims[i])), then to its members
+ * (weights[i]: (dims[i], n_i), biases[i]). Writes the full distribution's log-probabilities
+ * in id order: out[order[rank]] (row stride out_stride). scratch: dims max + n_i max floats. */
+void charlstm_adaptive_complete(int32_t B, int32_t H, const float *top, const float *first, int64_t first_stride,
+                                int32_t clusters, const int32_t *bounds, const int32_t *dims,
+                                const float *const *projections, const float *const *weights,
+                                const float *const *biases, const int32_t *order, float *scratch, float *out,
+                                int64_t out_stride)
+{
+    const int shortlist = bounds[0];
+    int widest = 0;
+    for (int i = 0; i < clusters; i++)
+        widest = dims[i] > widest ? dims[i] : widest;
+    float *projected = scratch, *inner = scratch + widest;
+    for (int b = 0; b < B; b++) {
+        const float *f = first + b * first_stride, *h = top + (long)b * H;
+        float *o = out + b * out_stride;
+        const float norm = log_sum_exp(f, shortlist + clusters);
+        for (int j = 0; j < shortlist; j++)
+            o[order[j]] = f[j] - norm;
+        for (int i = 0; i < clusters; i++) {
+            const int n = bounds[i + 1] - bounds[i];
+            dense_row(H, dims[i], h, projections[i], 0, projected);
+            dense_row(dims[i], n, projected, weights[i], biases[i], inner);
+            const float shift = f[shortlist + i] - norm - log_sum_exp(inner, n);
+            const int32_t *ids = order + bounds[i];
+            for (int j = 0; j < n; j++)
+                o[ids[j]] = inner[j] + shift;
+        }
+    }
+}
+
 /* Lets the loader check that it talks to the file it compiled. */
 int charlstm_abi_version(void) { return 5; }
