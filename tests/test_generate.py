@@ -418,16 +418,21 @@ def test_sampling_follows_the_tempered_distribution(draw):
     np.testing.assert_allclose(observed, expected, atol=0.015)
 
 
-def test_native_and_numpy_temperature_draws_agree():
+@pytest.mark.parametrize("rows, vocab", [(3000, 60), (400, 4999)])
+def test_native_and_numpy_temperature_draws_agree(rows, vocab):
+    # 4999: the C sampler's blocks of 64 ids, a partial last one, and whole blocks of zero weight
     rng = np.random.default_rng(5)
-    logits = rng.normal(scale=3.0, size=(3000, 60)).astype(np.float32)
-    logits[:, 50:] = -200.0  # weights that underflow to zero are never drawn
-    inverse_t = 1.0 / rng.uniform(0.05, 3.0, size=3000)
-    uniforms = stream_uniforms([1], 0, 3000)[:, 0]
-    uniforms[:3] = [0.0, 1.0 - 2.0 ** -52, 0.5]
+    logits = rng.normal(scale=3.0, size=(rows, vocab)).astype(np.float32)
+    live = vocab * 5 // 6
+    logits[:, live:] = -200.0  # weights that underflow to zero are never drawn
+    logits[1, 0] = logits[1].max() + 720.0  # the others' weights subnormal or zero: libm's values kept
+    inverse_t = 1.0 / rng.uniform(0.05, 3.0, size=rows)
+    inverse_t[1] = 1.0
+    uniforms = stream_uniforms([1], 0, rows)[:, 0]
+    uniforms[:4] = [0.0, 1.0 - 2.0 ** -52, 0.5, 1.0 - 2.0 ** -52]
     native = NativeSampler(native_library())(logits, inverse_t, uniforms)
     np.testing.assert_array_equal(native, numpy_draw(logits, inverse_t, uniforms))
-    assert native.max() < 50
+    assert native.max() < live
 
 
 @pytest.mark.parametrize("temperature", [1e-4, 1e-300])
