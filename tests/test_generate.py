@@ -221,7 +221,8 @@ def test_a_kept_way_is_doubted_only_when_clearly_slower_than_its_timing():
     assert [watch.slow(s) for s in [9e-3, 1e-3, 2e-3, 2e-3]] == [False, False, False, True]  # the median is
     assert [watch.slow(s) for s in [9e-3, 1e-3, 1e-3, 1e-3]] == [False] * 4  # slow moments in a minority
     assert StepWatch.for_plan({"split": "single"}) is None  # nothing was timed: nothing to compare with
-    assert StepWatch.for_plan({"split": "rows", "seconds_per_step": {"rows": 2e-4}}).predicted == 2e-4
+    batch = StepWatch.for_plan({"split": "rows", "seconds_per_step": {"rows": 2e-4}})
+    assert (batch.predicted, batch.every, StepWatch(1e-5).every) == (2e-4, 1, WATCH_EVERY)  # long steps: all timed
     assert RETIME_SLOWDOWN * 1e-3 < 2e-3
 
 

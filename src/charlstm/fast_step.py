@@ -53,6 +53,7 @@ SPLITS = ("single", "panels", "rows")  # how threads share a native step (see Na
 SHARING_MARGIN = 1.1             # a way other than the default must be timed this much faster to be taken
 TIMING_ROUNDS = 7                # rounds of the timed choice of how threads share a step
 WATCH_EVERY, WATCH_WINDOW = 16, 64  # a timed-choice stepper times one step in 16, judges 64 at a time
+WATCH_ALL_FROM = 50e-6           # ... every step when a step takes this long (the clock costs < 0.5 %)
 RETIME_SLOWDOWN = 1.5            # ... and times the ways again when they ran this much slower than planned
 BF16_TOLERANCE = 0.05            # documented: largest probability difference of bf16 steps from fp32
 BF16_LIBRARY_MIN_BATCH = 16      # bf16 batches from here on may run faster on PyTorch's (oneDNN, AMX)
@@ -345,9 +346,9 @@ class NativeStepper(Stepper):
             if self._layout.parts > 1:
                 self._nets[0].team = self._team
         self._steps += 1
-        if self._watch is None or self._steps % WATCH_EVERY:
+        if self._watch is None or self._steps % self._watch.every:
             failed = self._run()
-        else:  # one step in WATCH_EVERY timed: is the kept way as fast as its timing said?
+        else:  # some steps timed: is the kept way as fast as its timing said?
             start = time.perf_counter()
             failed = self._run()
             if self._watch.slow(time.perf_counter() - start):
@@ -383,11 +384,17 @@ class NativeStepper(Stepper):
 class StepWatch:
     """Whether a kept way of sharing a step runs clearly slower than its plan predicted: the
     median of ``window`` timed steps above ``RETIME_SLOWDOWN`` times the plan's seconds per
-    step. A timing taken while the machine was briefly busy would otherwise be kept for good."""
+    step. A timing taken while the machine was briefly busy would otherwise be kept for good.
+    Steps of big batches are all timed, so that even a short run is judged."""
 
     predicted: float
     window: int = WATCH_WINDOW
     samples: list[float] = field(default_factory=list)
+
+    @property
+    def every(self) -> int:
+        """A step in ``every`` is timed."""
+        return 1 if self.predicted >= WATCH_ALL_FROM else WATCH_EVERY
 
     @classmethod
     def for_plan(cls, plan: dict, window: int = WATCH_WINDOW) -> "StepWatch | None":
