@@ -72,8 +72,7 @@ class ModelConfig:
     weight_drop: float = knob(0.0, "DropConnect on the recurrent weights (AWD-LSTM)")
     variational: bool = knob(False, "one dropout mask per sequence for all time steps")
     head: str = knob("full", "output layer: a softmax over every symbol (full), or adaptive: a shortlist of the "
-                             "frequent symbols and clusters of rarer ones, computed only when needed (auto: "
-                             "adaptive for large vocabularies)")
+                             "frequent symbols and clusters of rarer ones, computed only when needed")
     head_cutoffs: tuple[int, ...] = knob((), "adaptive head: the frequency ranks where the shortlist and each "
                                              "cluster end (default: chosen from the symbol counts)")
 

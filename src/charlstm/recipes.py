@@ -277,6 +277,10 @@ def option_help(name: str) -> str:
     preset_sets_it = any(name in settings for recipe in PRESETS.values() for settings in recipe)
     if preset_sets_it or found.default is None or isinstance(found.default, bool) or "(0 = " in text:
         return text
+    if name == "head":  # the config's default is what checkpoints without the field hold; runs choose
+        return f"{text} (default auto: adaptive from {ADAPTIVE_HEAD_MIN_VOCAB:,} symbols)"
+    if name == "head_cutoffs":
+        return text
     default = ",".join(map(str, found.default)) if isinstance(found.default, tuple) else found.default
     return f"{text} (default {default})"
 
