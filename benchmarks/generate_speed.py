@@ -251,11 +251,12 @@ def main() -> None:
 def print_plans(path: Path) -> None:
     """How two threads shared each step size, as timed at first use in this run (plans file ``path``)."""
     plans = json.loads(path.read_text()) if path.is_file() else {}
-    print("\nchosen by timing at first use (seconds per step of each way):")
+    print("\nchosen by timing at first use (median µs per step of each way; timed again when a kept way ran slow):")
     for key, plan in sorted(plans.items()):
         chosen = plan.get("split") or plan.get("backend")
         timings = ", ".join(f"{k} {v * 1e6:,.0f} µs" for k, v in plan["seconds_per_step"].items())
-        print(f"  {key}: {chosen} ({timings})")
+        again = f", timed again {plan['retimes']}x" if plan.get("retimes") else ""
+        print(f"  {key}: {chosen} ({timings}{again})")
 
 
 if __name__ == "__main__":

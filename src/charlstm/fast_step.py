@@ -11,7 +11,8 @@ of the cache bandwidth a plain loop reaches. The backends work on weights rearra
   in one ctypes call, weights packed so that each 64-wide block of outputs streams through
   the cache once per step (CPU). With ``torch.get_num_threads()`` > 1 a step is shared by
   rows (big batches) or by panels (each core keeps its share of the weights in its own
-  cache; any batch), whichever was faster when first timed on this machine;
+  cache; any batch), whichever was clearly faster when timed on this machine (kept, and
+  timed again when it runs clearly slower than that timing said);
 * ``torch``  - the same rearranged weights with in-place PyTorch ops on preallocated
   buffers; any device, and the fallback where no C compiler is found;
 * ``module`` - the model's own forward pass one step at a time: slow, but right for any
@@ -49,7 +50,11 @@ LEAN_GATES = ("sigmoid", "hard_sigmoid")  # gate activations the lean backends i
 MAX_TABLE_FLOATS = 1 << 26       # 256 MB: above this layer 0's input is projected per step
 MIN_SHARD_ROWS = 16              # streams per thread below which row shards cost more than they save
 SPLITS = ("single", "panels", "rows")  # how threads share a native step (see NativeStepper)
-SHARING_MARGIN = 1.1             # a shared step must be timed this much faster than one thread's
+SHARING_MARGIN = 1.1             # a way other than the default must be timed this much faster to be taken
+TIMING_ROUNDS = 7                # rounds of the timed choice of how threads share a step
+WATCH_EVERY, WATCH_WINDOW = 16, 64  # a timed-choice stepper times one step in 16, judges 64 at a time
+WATCH_ALL_FROM = 50e-6           # ... every step when a step takes this long (the clock costs < 0.5 %)
+RETIME_SLOWDOWN = 1.5            # ... and times the ways again when they ran this much slower than planned
 BF16_TOLERANCE = 0.05            # documented: largest probability difference of bf16 steps from fp32
 BF16_LIBRARY_MIN_BATCH = 16      # bf16 batches from here on may run faster on PyTorch's (oneDNN, AMX)
 
@@ -251,8 +256,11 @@ class NativeStepper(Stepper):
     team at the same time; ``panels`` - every thread of the team takes its share of each
     layer's gates for all streams (a spin barrier per layer), so each core reads only its
     share of the weights and keeps it in its own cache; ``single`` - one thread. All give the
-    same numbers. ``precision`` ``bf16`` keeps the matrices in bf16 and rounds their inputs to
-    bf16, with fp32 sums and state; ``kernel`` picks its product code (default: the CPU's best).
+    same numbers. ``auto`` takes the plan timed on this machine (``split_plan``) and times
+    again, switching if another way wins, when the kept way runs clearly slower than its
+    timing said (``StepWatch``). ``precision`` ``bf16`` keeps the matrices in bf16 and rounds
+    their inputs to bf16, with fp32 sums and state; ``kernel`` picks its product code
+    (default: the CPU's best).
     """
 
     backend = "native"
@@ -265,33 +273,44 @@ class NativeStepper(Stepper):
         if precision not in PRECISIONS:
             raise CharLSTMError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         w, B, H = weights, batch_size, weights.units
+        self.precision, self._threads, self._library = precision, threads, library
+        self._kernel = bf16_kernel(library) if kernel is None else kernel
+        self._watch: StepWatch | None = None
         if split == "auto":
-            split = choose_split(weights, batch_size, library, threads, precision)
+            plan = split_plan(weights, batch_size, library, threads, precision)
+            split = plan["split"]
+            self._watch = StepWatch.for_plan(plan)
+        self.h, self.c = torch.zeros(w.layers, B, H), torch.zeros(w.layers, B, H)
+        self.ids = np.zeros(B, dtype=np.int32)
+        self._team, self._steps = None, 0
+        self._use_split(split)
+        self._logits_view = self.logits.numpy()[:, :w.vocab_size]
+        self._step_one, self._step_rows = library.charlstm_step, library.charlstm_step_rows
+
+    def _use_split(self, split: str) -> None:
+        """(Re)build what depends on how threads share the step; the state (h, c) stays."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-        self.split, self.precision = split, precision
+        w, B, H, threads = self.weights, self.batch_size, self.weights.units, self._threads
+        self.split = split
         shards = max(1, min(threads, B // MIN_SHARD_ROWS)) if split == "rows" else 1
         parts = threads if split == "panels" and threads > 1 and splittable(H, threads) else 1
-        key = f"native-{precision}-{parts}"
+        key = f"native-{self.precision}-{parts}"
         if key not in w.packed:
-            w.packed[key] = NativeLayout.from_weights(w, parts=parts, precision=precision)
+            w.packed[key] = NativeLayout.from_weights(w, parts=parts, precision=self.precision)
         self._layout = layout = w.packed[key]
-        self._kernel = bf16_kernel(library) if kernel is None else kernel
-        self.h, self.c = torch.zeros(w.layers, B, H), torch.zeros(w.layers, B, H)
-        self.gates, self.logits = torch.zeros(B, layout.gates_padded), torch.zeros(B, layout.vocab_padded)
-        self.ids = np.zeros(B, dtype=np.int32)
-        self._logits_view = self.logits.numpy()[:, :w.vocab_size]
+        if not hasattr(self, "logits"):  # the same widths for every split: made once, so views stay valid
+            self.gates, self.logits = torch.zeros(B, layout.gates_padded), torch.zeros(B, layout.vocab_padded)
         self._weight_ptrs = (ctypes.c_void_p * w.layers)(*[p.data_ptr() for p in layout.panels])
         self._bias_ptrs = (ctypes.c_void_p * w.layers)(*[b.data_ptr() for b in layout.biases])
         self._inputs_bf16 = np.zeros((parts, B, 2 * H), dtype=np.uint16) if layout.bf16 else None
         self._h_next = torch.zeros(w.layers, B, H) if parts > 1 else None
-        self._library, self._team_size = library, max(parts, shards)
+        self._team_size = max(parts, shards)
         self._team = self._start_team()
         bounds = [B * i // shards for i in range(shards + 1)]
         # one array of Nets, shard i's at index i, for charlstm_step_rows (panels: its only Net has the team)
         self._nets = (NativeNet * shards)(*[self._shard(start, stop) for start, stop in zip(bounds, bounds[1:])])
         self._nets_ref, self._shards = ctypes.byref(self._nets), shards
-        self._step_one, self._step_rows = library.charlstm_step, library.charlstm_step_rows
 
     def _shard(self, start: int, stop: int) -> NativeNet:
         """The Net for rows start..stop: pointers into the shared buffers at that row."""
@@ -326,13 +345,31 @@ class NativeStepper(Stepper):
             self._team = self._start_team()
             if self._layout.parts > 1:
                 self._nets[0].team = self._team
-        if self._shards == 1:
-            failed = self._step_one(self._nets_ref)
-        else:
-            failed = self._step_rows(self._nets_ref, self._shards, self._team)
+        self._steps += 1
+        if self._watch is None or self._steps % self._watch.every:
+            failed = self._run()
+        else:  # some steps timed: is the kept way as fast as its timing said?
+            start = time.perf_counter()
+            failed = self._run()
+            if self._watch.slow(time.perf_counter() - start):
+                self._retime()
         if failed:
             raise RuntimeError("charlstm native step rejected its layout")  # a bug, not a user error
         return self._logits_view
+
+    def _run(self) -> int:
+        if self._shards == 1:
+            return self._step_one(self._nets_ref)
+        return self._step_rows(self._nets_ref, self._shards, self._team)
+
+    def _retime(self) -> None:
+        """Time every way again (this stepper's helper threads stopped meanwhile), keep the
+        winner in the plans file and switch to it, state kept; watch again, twice as long."""
+        self.close()
+        plan = split_plan(self.weights, self.batch_size, self._library, self._threads, self.precision,
+                          retime=True)
+        self._use_split(plan["split"])
+        self._watch = StepWatch.for_plan(plan, window=2 * self._watch.window)
 
     def close(self) -> None:
         if getattr(self, "_team", None) and os.getpid() == self._team_pid:
@@ -343,66 +380,130 @@ class NativeStepper(Stepper):
         self.close()
 
 
-def choose_split(weights: LeanWeights, batch_size: int, library: ctypes.CDLL, threads: int,
-                 precision: str) -> str:
-    """How to share a step among ``threads`` threads, by timing each way once on this machine
-    (kept beside the compiled kernel), not by guessing from the CPU's name."""
-    candidates = ["single"]
+@dataclass
+class StepWatch:
+    """Whether a kept way of sharing a step runs clearly slower than its plan predicted: the
+    median of ``window`` timed steps above ``RETIME_SLOWDOWN`` times the plan's seconds per
+    step. A timing taken while the machine was briefly busy would otherwise be kept for good.
+    Steps of big batches are all timed, so that even a short run is judged."""
+
+    predicted: float
+    window: int = WATCH_WINDOW
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def every(self) -> int:
+        """A step in ``every`` is timed."""
+        return 1 if self.predicted >= WATCH_ALL_FROM else WATCH_EVERY
+
+    @classmethod
+    def for_plan(cls, plan: dict, window: int = WATCH_WINDOW) -> "StepWatch | None":
+        predicted = plan.get("seconds_per_step", {}).get(plan["split"])
+        return cls(float(predicted), window) if predicted else None  # nothing timed, nothing to doubt
+
+    def slow(self, seconds: float) -> bool:
+        self.samples.append(seconds)
+        if len(self.samples) < self.window:
+            return False
+        observed = float(np.median(self.samples))
+        self.samples.clear()
+        return observed > RETIME_SLOWDOWN * self.predicted
+
+
+def split_candidates(weights: LeanWeights, batch_size: int, threads: int) -> list[str]:
+    """The ways ``threads`` threads can share a step of this batch; the first is the default."""
+    candidates = ["rows"] if min(threads, batch_size // MIN_SHARD_ROWS) > 1 else []
+    candidates.append("single")
     if threads > 1 and splittable(weights.units, threads):
         candidates.append("panels")
-    if min(threads, batch_size // MIN_SHARD_ROWS) > 1:
-        candidates.append("rows")
+    return candidates
+
+
+def choose_split(weights: LeanWeights, batch_size: int, library: ctypes.CDLL, threads: int,
+                 precision: str) -> str:
+    """How to share a step among ``threads`` threads (see ``split_plan``)."""
+    return split_plan(weights, batch_size, library, threads, precision)["split"]
+
+
+def split_plan(weights: LeanWeights, batch_size: int, library: ctypes.CDLL, threads: int, precision: str,
+               retime: bool = False) -> dict:
+    """How to share a step among ``threads`` threads, by timing each way on this machine
+    (kept beside the compiled kernel; ``retime`` times again), not by guessing from the CPU's
+    name: {"split", "seconds_per_step" (median of each way), "rounds" (each way's timings,
+    round by round), "retimes"}. The default way - rows for a batch that can be cut, else one
+    thread, as before ways were timed - is left only for one timed clearly faster."""
+    candidates = split_candidates(weights, batch_size, threads)
     if len(candidates) == 1:
-        return "single"
+        return {"split": candidates[0]}
     key = (f"{precision} layers={weights.layers} units={weights.units} vocab={weights.vocab_size} "
            f"batch={batch_size} threads={threads}")
     path = plans_file(library)
     plans = _read_plans(path)
-    if plans.get(key, {}).get("split") in candidates:
-        return plans[key]["split"]
-    timings = time_splits(weights, batch_size, library, threads, precision, candidates)
-    best = min(timings, key=timings.get)
-    if timings["single"] < SHARING_MARGIN * timings[best]:
-        best = "single"  # sharing a step suffers most when other programs take the cores: only for a clear win
-    plans[key] = {"split": best, "seconds_per_step": timings}
+    kept = plans.get(key, {})
+    if not retime and kept.get("split") in candidates:
+        return kept
+    rounds = time_splits(weights, batch_size, library, threads, precision, candidates)
+    plan = {"split": pick_way(rounds, default=candidates[0]), "rounds": rounds,
+            "seconds_per_step": {name: float(np.median(times)) for name, times in rounds.items()},
+            "retimes": kept.get("retimes", 0) + 1 if kept else 0}
+    plans[key] = plan
     _write_plans(path, plans)
-    return best
+    return plan
+
+
+def pick_way(rounds: dict[str, list[float]], default: str, margin: float = SHARING_MARGIN) -> str:
+    """The way to take from timings made round by round (round i of every way back to back):
+    the one whose median per-round ratio to ``default`` is lowest, if that is at most
+    1/``margin``; else ``default``. Ratios within a round cancel the machine's speed of the
+    moment, which on a shared virtual machine moves more than the ways differ."""
+    base = np.asarray(rounds[default])
+    ratios = {name: float(np.median(np.asarray(times) / base)) for name, times in rounds.items()}
+    best = min(ratios, key=ratios.get)
+    return best if ratios[best] * margin <= 1.0 else default
 
 
 def time_splits(weights: LeanWeights, batch_size: int, library: ctypes.CDLL, threads: int, precision: str,
-                candidates: Sequence[str]) -> dict[str, float]:
-    """Median seconds per step of each way of sharing a step."""
-    return _median_step_seconds(
+                candidates: Sequence[str]) -> dict[str, list[float]]:
+    """Seconds per step of each way of sharing a step, one timing per round."""
+    return _timed_rounds(
         {name: (lambda name=name: NativeStepper(weights, batch_size, library, threads, precision, split=name))
          for name in candidates}, batch_size, _timing_steps(weights, batch_size))
 
 
 def _timing_steps(weights: LeanWeights, batch_size: int) -> int:
-    """Steps per timing: about 10 ms of work at 50 GFLOP/s, 10 to 500."""
+    """Steps per timing: about 20 ms of work at 50 GFLOP/s, 20 to 500."""
     flops = 16 * batch_size * weights.layers * weights.units ** 2
-    return int(min(500, max(10, 1e-2 * 50e9 / flops)))
+    return int(min(500, max(20, 2e-2 * 50e9 / flops)))
 
 
-def _median_step_seconds(makers: dict[str, Callable[[], Stepper]], batch_size: int, steps: int,
-                         rounds: int = 5) -> dict[str, float]:
-    """Rounds interleaved, so that a busy moment of the machine hits every way alike; each
-    stepper made afresh and closed after its timing, so that no idle helper thread competes
-    with the next one. As many untimed steps first: a fresh helper thread's first steps wait
-    for its core to wake up (milliseconds on a virtual machine), which would hide what the
-    split gives."""
+def _timed_rounds(makers: dict[str, Callable[[], Stepper]], batch_size: int, steps: int,
+                  rounds: int = TIMING_ROUNDS) -> dict[str, list[float]]:
+    """Each way's seconds per step, ``rounds`` times, the ways taking turns (their order
+    rotating) so that a busy moment of the machine hits each alike. Every stepper is made
+    once and run as long untimed first: a fresh helper thread's first steps wait for its
+    core to wake up (milliseconds on a virtual machine); each round also starts with a few
+    untimed steps, which wake helper threads that slept while the other ways ran."""
     ids = np.zeros(batch_size, dtype=np.int64)
+    steppers = {name: make() for name, make in makers.items()}
     samples: dict[str, list[float]] = {name: [] for name in makers}
-    for _ in range(rounds):
-        for name, make in makers.items():
-            stepper = make()
+    try:
+        for stepper in steppers.values():
             for _ in range(steps):
                 stepper.step(ids)
-            start = time.perf_counter()
-            for _ in range(steps):
-                stepper.step(ids)
-            samples[name].append((time.perf_counter() - start) / steps)
+        names = list(steppers)
+        for round_ in range(rounds):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                stepper = steppers[name]
+                for _ in range(max(2, steps // 4)):
+                    stepper.step(ids)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    stepper.step(ids)
+                samples[name].append((time.perf_counter() - start) / steps)
+    finally:
+        for stepper in steppers.values():
             stepper.close()
-    return {name: float(np.median(times)) for name, times in samples.items()}
+    return samples
 
 
 def _read_plans(path: Path) -> dict:
@@ -517,8 +618,9 @@ def choose_bf16_backend(weights: LeanWeights, batch_size: int, library: ctypes.C
         return plans[key]["backend"]
     makers = {"native": lambda: NativeStepper(weights, batch_size, library, threads, "bf16"),
               "torch": lambda: TorchStepper(weights, batch_size, torch.device("cpu"), "bf16")}
-    timings = _median_step_seconds(makers, batch_size, _timing_steps(weights, batch_size))
-    best = min(timings, key=timings.get)
-    plans[key] = {"backend": best, "seconds_per_step": timings}
+    rounds = _timed_rounds(makers, batch_size, _timing_steps(weights, batch_size))
+    best = pick_way(rounds, default="native", margin=1.0)
+    plans[key] = {"backend": best, "rounds": rounds,
+                  "seconds_per_step": {name: float(np.median(times)) for name, times in rounds.items()}}
     _write_plans(path, plans)
     return best
