@@ -1,6 +1,7 @@
 """Scale: prepare throughput and memory, training memory on 1 GB, DDP throughput, large vocabularies.
 
     flock /tmp/charlstm-bench.lock env PYTHONPATH=src python benchmarks/scale.py [--quick] [--skip-1gb]
+        [--prepare-only | --ddp-only | --vocab-only] [--rounds N]
 
 Prints, with the machine and its load average:
 
@@ -11,9 +12,11 @@ Prints, with the machine and its load average:
 2. ``charlstm train --data`` on the 1 GB prepared corpus (default 2 x 256 model, one thread):
    resident memory sampled every half second, peak and over time.
 3. Training throughput of the default model on the prepared Gutenberg data: 1 process x 1
-   thread, 1 process x 2 threads, 2 processes x 1 thread under torchrun (DDP, gloo), the
-   same global batch of 64 streams; and the time of one gloo all-reduce of the model's
-   gradients (what DDP adds to each step) between 2 processes.
+   thread, 1 process x 2 threads, 2 processes x 1 thread under torchrun (DDP), the same
+   global batch of 64 streams, and two independent processes with half the batch each (the
+   ceiling for DDP), in ``--rounds`` interleaved rounds whose order alternates, each variant's
+   ratio to 1 x 1 taken within its round (the host's speed drifts over minutes); and the time
+   of summing the model's gradients between 2 processes (gloo all-reduce, shared memory).
 4. Training and generation characters/s (generation in fp32 and in bf16, whose products
    include the output layer's) with a 5,000-symbol vocabulary, full and adaptive head
    (counts by Zipf's law, the training batch drawn from them), against the 45-symbol Alice
@@ -31,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,22 +122,49 @@ def bench_train_memory(data: Path, out: Path, seconds: int) -> dict:
 # ----------------------------------------------------------------------- 3. DDP throughput
 
 
-def bench_throughput(data: Path, out: Path, steps: int) -> list[tuple[str, float]]:
+THROUGHPUT_RUNS = (("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 2, 1),
+                   ("2 processes x 1 thread (torchrun, DDP)", 1, 2))
+PAIR_LABEL = "2 independent processes x 1 thread, 32 streams each, nothing exchanged"
+
+
+def bench_throughput(data: Path, out: Path, steps: int, rounds: int) -> dict[str, list[float]]:
+    """chars/s of every variant, ``rounds`` times, interleaved and in alternating order, so that
+    a change of the host's speed during the benchmark touches every variant alike."""
     args = ["--data", str(data), *MODEL, "--max-steps", str(steps), "--eval-every", str(steps), "--val-chars", "2000",
             "--batch-size", "64", "--bptt", "50", "--no-progress"]
-    rows = []
-    for label, threads, procs in (("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 2, 1),
-                                  ("2 processes x 1 thread (DDP, gloo)", 1, 2)):
-        target = out / f"p{procs}t{threads}"
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
-                    if procs > 1 else [sys.executable])
-        run_measured([*launcher, "-m", "charlstm", "train", *args, "--threads", str(threads), "-o", str(target)],
-                     threads=threads)
-        record = json.loads((target / "metrics.jsonl").read_text().splitlines()[-1])
-        rows.append((label, record["chars_per_s"]))
-    rows.append(("2 independent processes x 1 thread, 32 streams each, no communication (the machine's ceiling "
-                 "for DDP)", bench_independent_pair(args, out / "pair")))
-    return rows
+    rates: dict[str, list[float]] = {label: [] for label, _, _ in THROUGHPUT_RUNS} | {PAIR_LABEL: []}
+    for r in range(rounds):
+        order = list(THROUGHPUT_RUNS) + [(PAIR_LABEL, 1, 0)]
+        for label, threads, procs in (order if r % 2 == 0 else order[::-1]):
+            target = out / f"round{r}-p{procs}t{threads}"
+            rate = (bench_independent_pair(args, target) if label == PAIR_LABEL
+                    else bench_training_run(args, target, threads, procs))
+            rates[label].append(rate)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{v[-1]:,.0f}" for v in rates.values())
+              + f" chars/s; load average {os.getloadavg()[0]:.2f}", flush=True)
+    return rates
+
+
+def bench_training_run(args: list[str], target: Path, threads: int, procs: int) -> float:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+                if procs > 1 else [sys.executable])
+    run_measured([*launcher, "-m", "charlstm", "train", *args, "--threads", str(threads), "-o", str(target)],
+                 threads=threads)
+    return json.loads((target / "metrics.jsonl").read_text().splitlines()[-1])["chars_per_s"]
+
+
+def print_throughput(rates: dict[str, list[float]]) -> None:
+    """Each variant's median, and the median over rounds of its ratio to that round's 1 x 1."""
+    base = rates[THROUGHPUT_RUNS[0][0]]
+    print("| run | median chars/s | vs 1 x 1 (median of the rounds' ratios) | the rounds' ratios |")
+    print("|---|---:|---:|---|")
+    for label, values in rates.items():
+        ratios = [v / b for v, b in zip(values, base)]
+        print(f"| {label} | {statistics.median(values):,.0f} | {statistics.median(ratios):.2f}x | "
+              + " ".join(f"{x:.2f}" for x in ratios) + " |")
+    ddp, pair = rates[THROUGHPUT_RUNS[2][0]], rates[PAIR_LABEL]
+    print(f"\nDDP gives {statistics.median(d / p for d, p in zip(ddp, pair)):.0%} of what two processes that "
+          "exchange nothing get together (median of the rounds)")
 
 
 def bench_independent_pair(args: list[str], out: Path) -> float:
@@ -280,6 +311,8 @@ def main() -> None:
     parser.add_argument("--train-seconds", type=int, default=120, help="training-memory run length")
     parser.add_argument("--prepare-only", action="store_true", help="section 1 only")
     parser.add_argument("--vocab-only", action="store_true", help="section 4 only")
+    parser.add_argument("--ddp-only", action="store_true", help="section 3 only (prepares the shared folder first)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of section 3")
     args = parser.parse_args()
     if not GUTENBERG.is_dir():
         raise SystemExit(f"{GUTENBERG}: missing (set CHARLSTM_SHARED)")
@@ -288,6 +321,7 @@ def main() -> None:
     if args.vocab_only:
         bench_vocab_section(args)
         return
+    args.skip_1gb = args.skip_1gb or args.ddp_only
     with tempfile.TemporaryDirectory(prefix="charlstm-scale-") as tmp:
         tmp = Path(tmp)
         print("\n## 1. charlstm prepare\n")
@@ -321,20 +355,17 @@ def main() -> None:
             shutil.rmtree(big_dir)
 
         steps = 30 if args.quick else 100
-        print(f"\n## 3. training throughput, default 2 x 256 model, global batch 64 x 50, {steps} steps\n")
-        rows = bench_throughput(tmp / "gutenberg", tmp / "throughput", steps)
-        base = rows[0][1]
-        print("| run | target chars/s | vs 1 x 1 |")
-        print("|---|---:|---:|")
-        for label, rate in rows:
-            print(f"| {label} | {rate:,.0f} | {rate / base:.2f}x |")
-        print(f"\nDDP gives {rows[2][1] / rows[3][1]:.0%} of what two processes that exchange nothing get together")
+        rounds = 1 if args.quick else args.rounds
+        print(f"\n## 3. training throughput, default 2 x 256 model, global batch 64 x 50, {steps} steps, "
+              f"{rounds} interleaved rounds\n")
+        print_throughput(bench_throughput(tmp / "gutenberg", tmp / "throughput", steps, rounds))
         n, ms, shm_ms = bench_allreduce(158)
         print(f"\nsumming the {n:,} gradients (fp32, {n * 4 / 1e6:.1f} MB) of 2 processes, per step: gloo all-reduce "
               f"{ms:.2f} ms, through shared memory (what charlstm uses on one machine) {shm_ms:.2f} ms")
         print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
-    bench_vocab_section(args)
+    if not args.ddp_only:
+        bench_vocab_section(args)
 
 
 def bench_vocab_section(args) -> None:

@@ -117,6 +117,8 @@ class BaseRun:
         self.args, self.vocab, self.train_ids, self.val_ids = args, vocab, train_ids, val_ids
         torch.manual_seed(args.seed)
         self.model = CharLSTM(model_config(args, vocab))
+        if args.init:
+            self.model.load_state_dict(checkpoint.load(args.init).model.float().state_dict())
         self.amp = autocast_dtype("auto", torch.device("cpu"))
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         rest = [p for p in self.model.parameters() if p.dim() < 2]
@@ -155,7 +157,7 @@ class BaseRun:
         epoch = 0
         while True:
             epoch += 1
-            for x, y in self.batches.epoch(epoch):
+            for x, y in self.batches.epoch(epoch, start_batch=args.start_batch if epoch == 1 else 0):
                 elapsed = time.perf_counter() - start
                 loss, state = self.step(x, y, state, lr_at(args, step, elapsed))
                 step, chars = step + 1, chars + y.numel()
@@ -263,6 +265,11 @@ def main() -> None:
     parser.add_argument("--save-every", type=float, default=600.0, help="seconds between saves")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, metavar="CHECKPOINT",
+                        help="continue from this run's weights (same --layers/--units; a fresh optimiser and schedule)")
+    parser.add_argument("--start-batch", type=int, default=0,
+                        help="begin the first pass at this batch: the step count of the run --init continues, "
+                             "so the streams read on instead of reading the same text again")
     parser.add_argument("--measure", type=float, default=0.0, help="only measure chars/s, this many s per size")
     parser.add_argument("--ship", type=Path, metavar="CHECKPOINT", help="store this checkpoint as the package's base")
     args = parser.parse_args()
