@@ -174,3 +174,15 @@ def test_server_and_command_line(trained, chinese, tmp_path, capsys):
     # fine-tuning onto other characters needs a full head
     with pytest.raises(CharLSTMError, match="full softmax head"):
         load_init(path, chinese.vocab)
+
+
+def test_head_options_a_text_cannot_take_are_one_line_errors(small_text, tmp_path, capsys):
+    base = ["train", "--text", str(small_text), "-o", str(tmp_path), "--max-steps", "1", "--no-progress"]
+    symbols = len(set(small_text.read_text(encoding="utf-8")))
+    assert main([*base, "--head", "adaptive", "--head-cutoffs", str(symbols)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--head-cutoffs must be increasing" in err
+    assert main([*base, "--head", "adaptive"]) == 2
+    assert f"an adaptive head needs more than 64 symbols, not {symbols}" in capsys.readouterr().err
+    assert main([*base, "--head", "full", "--head-cutoffs", "10"]) == 2
+    assert "applies to the adaptive head" in capsys.readouterr().err

@@ -60,24 +60,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _temperatures(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        values = ()
-    if not values:
-        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.2,0.5,1.0, not {text!r}")
-    return values
+def _comma_list(convert, kind: str, example: str):
+    """An argparse type: comma-separated values, each read by ``convert``."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(convert(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            values = ()
+        if not values:
+            raise argparse.ArgumentTypeError(f"must be comma-separated {kind} such as {example}, not {text!r}")
+        return values
+    return parse
 
 
-def _cutoffs(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        values = ()
-    if not values:
-        raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers such as 500,2000, not {text!r}")
-    return values
+_temperatures = _comma_list(float, "numbers", "0.2,0.5,1.0")
+_cutoffs = _comma_list(int, "whole numbers", "500,2000")
 
 
 # ----------------------------------------------------------------------- arguments
