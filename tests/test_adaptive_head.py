@@ -186,3 +186,20 @@ def test_head_options_a_text_cannot_take_are_one_line_errors(small_text, tmp_pat
     assert f"an adaptive head needs more than 64 symbols, not {symbols}" in capsys.readouterr().err
     assert main([*base, "--head", "full", "--head-cutoffs", "10"]) == 2
     assert "applies to the adaptive head" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cluster_boost", [0.0, 6.0])
+def test_greedy_step_computes_only_what_the_argmax_needs_and_agrees(trained, chinese, cluster_boost):
+    # boosted: the clusters' own outputs raised so that rare symbols often win, and must be found
+    model = CharLSTM(trained.model.config)
+    model.load_state_dict(trained.model.state_dict())
+    with torch.no_grad():
+        model.head.shortlist.bias[model.head.shortlist_size:] += cluster_boost
+    ids = np.asarray(chinese.val_ids[:120]).astype(np.int64).reshape(3, 40)
+    for precision in ("fp32", "bf16"):
+        full, greedy = (make_stepper(model.eval(), 3, "native", precision=precision) for _ in range(2))
+        picks = np.stack([greedy.step_argmax(ids[:, t]) for t in range(40)], axis=1)
+        argmax = np.stack([full.step(ids[:, t]).argmax(axis=1) for t in range(40)], axis=1)
+        np.testing.assert_array_equal(picks, argmax)
+        if cluster_boost:  # the clusters' members were in the running, and won some steps
+            assert (model.head.ranks().numpy()[picks] >= model.head.shortlist_size).any()

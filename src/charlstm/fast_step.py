@@ -318,6 +318,14 @@ class AdaptiveStepper(Stepper):
     def prime(self, ids: Sequence[int]) -> np.ndarray:
         return self._complete(self.inner.prime(ids))
 
+    def step_argmax(self, ids: np.ndarray) -> np.ndarray:
+        """A step that returns each stream's most probable next id (the argmax of ``step``'s
+        rows): in C only the clusters that can hold it are computed."""
+        first = self.inner.step(ids)
+        if isinstance(self._complete_with, NativeAdaptiveCompletion):
+            return self._complete_with.argmax(first, self._top)
+        return self._complete(first).argmax(axis=1)
+
     def _complete(self, first: np.ndarray) -> np.ndarray:
         top = self._top if self._top is not None else self.inner.h[-1].cpu().numpy()
         return self._complete_with(first, top)

@@ -776,17 +776,39 @@ static void dense_row(int K, int n, const float *x, const float *w, const float 
     }
 }
 
+/* Cluster i's members for one row: their scores in inner (n_i), and the shift that makes
+ * inner[j] + shift their log-probabilities, given the cluster's head log-probability. */
+static float cluster_scores(int H, const float *h, int dims, int n, const float *projection, const float *weights,
+                            const float *bias, float head_log_prob, float *projected, float *inner)
+{
+    dense_row(H, dims, h, projection, 0, projected);
+    dense_row(dims, n, projected, weights, bias, inner);
+    return head_log_prob - log_sum_exp(inner, n);
+}
+
+/* Keeps the larger value, the smaller id on a tie: NumPy's argmax over ids in order. */
+static inline void keep_best(float v, int32_t id, float *best, int64_t *best_id)
+{
+    if (v > *best || (v == *best && id < *best_id)) {
+        *best = v;
+        *best_id = id;
+    }
+}
+
 /* The adaptive softmax head past its shortlist layer (charlstm.adaptive), for each of B rows:
  * first (B, shortlist + clusters; row stride first_stride) holds the shortlist layer's
  * outputs, top (B, H) the top layer's output. Cluster i (ranks bounds[i]..bounds[i+1]) is
  * projected to dims[i] features (projections[i]: (H, dims[i])), then to its members
- * (weights[i]: (dims[i], n_i), biases[i]). Writes the full distribution's log-probabilities
- * in id order: out[order[rank]] (row stride out_stride). scratch: dims max + n_i max floats. */
+ * (weights[i]: (dims[i], n_i), biases[i]). With out, writes the full distribution's
+ * log-probabilities in id order: out[order[rank]] (row stride out_stride). Without it, writes
+ * each row's most probable id to chosen, computing only the clusters whose own probability is
+ * above the best symbol's found so far (a member's probability is at most its cluster's): the
+ * same id as the argmax of out. scratch: dims max + n_i max floats. */
 void charlstm_adaptive_complete(int32_t B, int32_t H, const float *top, const float *first, int64_t first_stride,
                                 int32_t clusters, const int32_t *bounds, const int32_t *dims,
                                 const float *const *projections, const float *const *weights,
                                 const float *const *biases, const int32_t *order, float *scratch, float *out,
-                                int64_t out_stride)
+                                int64_t out_stride, int64_t *chosen)
 {
     const int shortlist = bounds[0];
     int widest = 0;
@@ -795,19 +817,33 @@ void charlstm_adaptive_complete(int32_t B, int32_t H, const float *top, const fl
     float *projected = scratch, *inner = scratch + widest;
     for (int b = 0; b < B; b++) {
         const float *f = first + b * first_stride, *h = top + (long)b * H;
-        float *o = out + b * out_stride;
         const float norm = log_sum_exp(f, shortlist + clusters);
-        for (int j = 0; j < shortlist; j++)
-            o[order[j]] = f[j] - norm;
+        float *o = out ? out + b * out_stride : 0;
+        float best = -INFINITY;
+        int64_t best_id = -1;
+        for (int j = 0; j < shortlist; j++) {
+            if (o)
+                o[order[j]] = f[j] - norm;
+            else
+                keep_best(f[j] - norm, order[j], &best, &best_id);
+        }
         for (int i = 0; i < clusters; i++) {
             const int n = bounds[i + 1] - bounds[i];
-            dense_row(H, dims[i], h, projections[i], 0, projected);
-            dense_row(dims[i], n, projected, weights[i], biases[i], inner);
-            const float shift = f[shortlist + i] - norm - log_sum_exp(inner, n);
+            const float head_log_prob = f[shortlist + i] - norm;
+            if (!o && head_log_prob + 1e-4f * (1.0f + fabsf(head_log_prob)) < best)
+                continue; /* no member can win (the margin covers rounding) */
+            const float shift = cluster_scores(H, h, dims[i], n, projections[i], weights[i], biases[i],
+                                               head_log_prob, projected, inner);
             const int32_t *ids = order + bounds[i];
-            for (int j = 0; j < n; j++)
-                o[ids[j]] = inner[j] + shift;
+            for (int j = 0; j < n; j++) {
+                if (o)
+                    o[ids[j]] = inner[j] + shift;
+                else
+                    keep_best(inner[j] + shift, ids[j], &best, &best_id);
+            }
         }
+        if (!o)
+            chosen[b] = best_id;
     }
 }
 

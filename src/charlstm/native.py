@@ -174,7 +174,8 @@ def native_library(cache_dir: Path | None = None, arch: str = "native") -> ctype
     lib.charlstm_sample.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_int64] + [ctypes.c_void_p] * 4
     lib.charlstm_sample.restype = None
     lib.charlstm_adaptive_complete.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
-                                               ctypes.c_int64, ctypes.c_int32] + [ctypes.c_void_p] * 8 + [ctypes.c_int64]
+                                               ctypes.c_int64, ctypes.c_int32] + [ctypes.c_void_p] * 8 + [
+                                               ctypes.c_int64, ctypes.c_void_p]
     lib.charlstm_adaptive_complete.restype = None
     lib.charlstm_team_new.argtypes = [ctypes.c_int32]
     lib.charlstm_team_new.restype = ctypes.c_void_p
@@ -289,12 +290,24 @@ class NativeAdaptiveCompletion:
         if self._out is None or len(self._out) != rows:
             self._out = np.empty((rows, len(self._order)), dtype=np.float32)
             self._out_address = self._out.ctypes.data
+        self._call(rows, self._units, *self._addresses(first, top), *self._fixed, self._out_address,
+                   len(self._order), None)
+        return self._out
+
+    def argmax(self, first: np.ndarray, top: np.ndarray) -> np.ndarray:
+        """The most probable id of each row (the argmax of ``__call__``'s rows), computing only
+        the clusters that can hold it."""
+        chosen = np.empty(len(first), dtype=np.int64)
+        self._call(len(first), self._units, *self._addresses(first, top), *self._fixed, None, 0,
+                   chosen.ctypes.data)
+        return chosen
+
+    def _addresses(self, first: np.ndarray, top: np.ndarray) -> tuple[int, int, int]:
+        """top's and first's addresses and first's row stride, for float32 rows."""
         if first.dtype != np.float32 or first.strides[1] != 4:
             first = np.ascontiguousarray(first, dtype=np.float32)
         if top.dtype != np.float32 or not top.flags.c_contiguous:
             top = np.ascontiguousarray(top, dtype=np.float32)
         if self._inputs[0] is not first or self._inputs[1] is not top:  # a stepper passes the same ones
             self._inputs = (first, top, first.ctypes.data, top.ctypes.data)
-        self._call(rows, self._units, self._inputs[3], self._inputs[2], first.strides[0] // 4, *self._fixed,
-                   self._out_address, len(self._order))
-        return self._out
+        return self._inputs[3], self._inputs[2], first.strides[0] // 4
