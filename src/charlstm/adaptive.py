@@ -163,8 +163,8 @@ class AdaptiveHead(nn.Module):
         cluster = torch.bucketize(rank, torch.tensor(self.cutoffs, device=rank.device), right=True)
         picked = head.gather(1, torch.where(cluster == 0, rank, c1 + cluster - 1)[:, None])[:, 0]
         for i, (start, _) in enumerate(self.bounds):
+            # computed even for no rows: every parameter then takes part in every step (DDP needs it)
             rows = torch.nonzero((cluster == i + 1) & valid)[:, 0]
-            if len(rows):
-                inner = self.cluster_log_probs(x[rows], i).gather(1, (rank[rows] - start)[:, None])[:, 0]
-                picked = picked.index_add(0, rows, inner)
+            inner = self.cluster_log_probs(x[rows], i).gather(1, (rank[rows] - start)[:, None])[:, 0]
+            picked = picked.index_add(0, rows, inner.to(picked.dtype))
         return torch.where(valid, -picked, torch.zeros_like(picked))
