@@ -136,10 +136,6 @@ class AdaptiveTails:
         return NativeAdaptiveCompletion(library, self.shortlist, self.bounds, self.projections, self.clusters,
                                         self.cluster_biases, self.order)
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.ranks)
-
     def log_probs(self, first: np.ndarray, top: np.ndarray) -> np.ndarray:
         """(B, shortlist + clusters) first-layer outputs and the (B, H) top layer's output ->
         (B, V) log-probabilities in id order."""
