@@ -795,54 +795,61 @@ static inline void keep_best(float v, int32_t id, float *best, int64_t *best_id)
     }
 }
 
+/* out[i] = values[index[i]] for i < n (restrict: the compiler then uses vector gathers). */
+static void gather(int n, const int32_t *restrict index, const float *restrict values, float *restrict out)
+{
+    for (int i = 0; i < n; i++)
+        out[i] = values[index[i]];
+}
+
 /* The adaptive softmax head past its shortlist layer (charlstm.adaptive), for each of B rows:
  * first (B, shortlist + clusters; row stride first_stride) holds the shortlist layer's
  * outputs, top (B, H) the top layer's output. Cluster i (ranks bounds[i]..bounds[i+1]) is
  * projected to dims[i] features (projections[i]: (H, dims[i])), then to its members
- * (weights[i]: (dims[i], n_i), biases[i]). With out, writes the full distribution's
- * log-probabilities in id order: out[order[rank]] (row stride out_stride). Without it, writes
- * each row's most probable id to chosen, computing only the clusters whose own probability is
- * above the best symbol's found so far (a member's probability is at most its cluster's): the
- * same id as the argmax of out. scratch: dims max + n_i max floats. */
+ * (weights[i]: (dims[i], n_i), biases[i]). order[rank] is a symbol's id, ranks[id] its rank.
+ * With out, writes the full distribution's log-probabilities in id order (row stride
+ * out_stride): computed in rank order, then gathered (a gather vectorises, a scatter does
+ * not). Without it, writes each row's most probable id to chosen, computing only the clusters
+ * whose own probability is above the best symbol's found so far (a member's probability is at
+ * most its cluster's): the same id as the argmax of out. scratch: dims max + V floats. */
 void charlstm_adaptive_complete(int32_t B, int32_t H, const float *top, const float *first, int64_t first_stride,
                                 int32_t clusters, const int32_t *bounds, const int32_t *dims,
                                 const float *const *projections, const float *const *weights,
-                                const float *const *biases, const int32_t *order, float *scratch, float *out,
-                                int64_t out_stride, int64_t *chosen)
+                                const float *const *biases, const int32_t *order, const int32_t *ranks,
+                                float *scratch, float *out, int64_t out_stride, int64_t *chosen)
 {
-    const int shortlist = bounds[0];
+    const int shortlist = bounds[0], V = bounds[clusters];
     int widest = 0;
     for (int i = 0; i < clusters; i++)
         widest = dims[i] > widest ? dims[i] : widest;
-    float *projected = scratch, *inner = scratch + widest;
+    float *projected = scratch, *by_rank = scratch + widest;
     for (int b = 0; b < B; b++) {
         const float *f = first + b * first_stride, *h = top + (long)b * H;
         const float norm = log_sum_exp(f, shortlist + clusters);
-        float *o = out ? out + b * out_stride : 0;
         float best = -INFINITY;
         int64_t best_id = -1;
         for (int j = 0; j < shortlist; j++) {
-            if (o)
-                o[order[j]] = f[j] - norm;
-            else
-                keep_best(f[j] - norm, order[j], &best, &best_id);
+            by_rank[j] = f[j] - norm;
+            if (!out)
+                keep_best(by_rank[j], order[j], &best, &best_id);
         }
         for (int i = 0; i < clusters; i++) {
             const int n = bounds[i + 1] - bounds[i];
             const float head_log_prob = f[shortlist + i] - norm;
-            if (!o && head_log_prob + 1e-4f * (1.0f + fabsf(head_log_prob)) < best)
+            if (!out && head_log_prob + 1e-4f * (1.0f + fabsf(head_log_prob)) < best)
                 continue; /* no member can win (the margin covers rounding) */
+            float *inner = by_rank + bounds[i];
             const float shift = cluster_scores(H, h, dims[i], n, projections[i], weights[i], biases[i],
                                                head_log_prob, projected, inner);
-            const int32_t *ids = order + bounds[i];
-            for (int j = 0; j < n; j++) {
-                if (o)
-                    o[ids[j]] = inner[j] + shift;
-                else
-                    keep_best(inner[j] + shift, ids[j], &best, &best_id);
-            }
+            for (int j = 0; j < n; j++)
+                inner[j] += shift;
+            if (!out)
+                for (int j = 0; j < n; j++)
+                    keep_best(inner[j], order[bounds[i] + j], &best, &best_id);
         }
-        if (!o)
+        if (out)
+            gather(V, ranks, by_rank, out + b * out_stride);
+        else
             chosen[b] = best_id;
     }
 }

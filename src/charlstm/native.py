@@ -174,7 +174,7 @@ def native_library(cache_dir: Path | None = None, arch: str = "native") -> ctype
     lib.charlstm_sample.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_int64] + [ctypes.c_void_p] * 4
     lib.charlstm_sample.restype = None
     lib.charlstm_adaptive_complete.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
-                                               ctypes.c_int64, ctypes.c_int32] + [ctypes.c_void_p] * 8 + [
+                                               ctypes.c_int64, ctypes.c_int32] + [ctypes.c_void_p] * 9 + [
                                                ctypes.c_int64, ctypes.c_void_p]
     lib.charlstm_adaptive_complete.restype = None
     lib.charlstm_team_new.argtypes = [ctypes.c_int32]
@@ -275,11 +275,13 @@ class NativeAdaptiveCompletion:
         self._bounds = np.array([shortlist] + [stop for _, stop in bounds], dtype=np.int32)
         self._dims = np.array([p.shape[1] for p in projections], dtype=np.int32)
         self._order = np.ascontiguousarray(order, dtype=np.int32)
+        self._ranks = np.argsort(self._order).astype(np.int32)
         self._units, self._clusters = projections[0].shape[0], k
-        self._scratch = np.empty(int(self._dims.max()) + max(stop - start for start, stop in bounds), np.float32)
+        self._scratch = np.empty(int(self._dims.max()) + len(self._order), np.float32)
         # the addresses of arrays that stay put, asked once (NumPy takes a microsecond each time)
         self._fixed = (self._clusters, self._bounds.ctypes.data, self._dims.ctypes.data, self._projections,
-                       self._weights, self._biases, self._order.ctypes.data, self._scratch.ctypes.data)
+                       self._weights, self._biases, self._order.ctypes.data, self._ranks.ctypes.data,
+                       self._scratch.ctypes.data)
         self._out: np.ndarray | None = None
         self._inputs: tuple = (None, None, 0, 0)  # the last (first, top) arrays and their addresses
 
