@@ -2,7 +2,7 @@
 generation on every step path, fp32 and bf16, one table.
 
     PYTHONPATH=src python benchmarks/generate_speed.py [--threads 1] [--quick]
-        [--checkpoint best.safetensors ...]
+        [--share-rounds 7] [--checkpoint best.safetensors ...]
 
 First probes the machine (``machine_probe``: CPU and flags, streaming bytes/s at 0.25-16 MB
 on one core and on all, fp32/bf16 GEMM rates), then measures, through the public
@@ -24,6 +24,13 @@ FLOPs per character at the measured GEMM rate (big batches). With ``--checkpoint
 compares bf16 with fp32 on trained models: largest probability difference and bits/char on
 the last 10 % of Alice (the validation text of training).
 
+The batch rows' shares divide by a ceiling probed minutes earlier, and this shared VM's
+speed drifts (2.3x within minutes seen), so the fp32 rows of the 64-stream target (2 x 256,
+native, one thread and two) are also measured in ``--share-rounds`` interleaved rounds: each
+round measures the fp32 GEMM ceiling (the same shapes and thread counts as the probe, the best
+of them: unchanged meaning) and the rows, in alternating order, and takes each row's ratio to
+that round's ceiling; the median ratio is reported with every round's.
+
 Models are randomly initialised: speed does not depend on what the weights say. Greedy
 (the tutorial's argmax) unless a row says otherwise. Timings are wall-clock and share the
 machine with whatever else runs; compare ratios within one run.
@@ -38,14 +45,15 @@ import string
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine_probe import Roofline, print_roofline, probe  # noqa: E402
+from machine_probe import (Roofline, ceiling_of, gemm_rates_by_threads, median_of_ratios,  # noqa: E402
+                           print_roofline, probe)
 
 from charlstm import CharLSTM, Generator, ModelConfig, SamplingConfig, TrainedModel, Vocab  # noqa: E402
 from charlstm import checkpoint  # noqa: E402
@@ -133,6 +141,59 @@ def limit_of(roof: Roofline, model: CharLSTM, case: Case, threads: int) -> tuple
     return roof.limit(weight_bytes, flops, case.streams, steps, case.precision, cores)
 
 
+SHARE_ROWS = ("stateful, native, 64 streams (total)", "stateful, native, 64 streams (total), 2 threads")
+SHARE_MODEL = "default 2×256"
+
+
+@dataclass
+class ShareRounds:
+    """One row against the ceiling measured in the same rounds."""
+    rates: list[float]     # the row's characters/s, one per round
+    limits: list[float]    # its limit in characters/s from that round's ceiling
+    where: list[str]       # which GEMM shape and thread count set that round's ceiling
+
+
+def share_in_rounds(trained: TrainedModel, prime: str, roof: Roofline, rows: list[Case], rounds: int,
+                    default_threads: int, seconds: float) -> dict[str, ShareRounds]:
+    """Ceiling and rows in ``rounds`` interleaved rounds, the order swapped every other round,
+    so that a drifting host moves both sides of each round's ratio together."""
+    cores = max(min(case.threads or default_threads, roof.cores) for case in rows)
+    gens = {case.label: Generator(trained, backend=case.backend, precision=case.precision) for case in rows}
+    out = {case.label: ShareRounds([], [], []) for case in rows}
+    for round_ in range(rounds):
+        rates: dict[str, float] = {}
+        for part in (("ceiling", "rows") if round_ % 2 == 0 else ("rows", "ceiling")):
+            if part == "ceiling":
+                gemm = gemm_rates_by_threads("fp32", cores, seconds)
+                continue
+            for case in rows:
+                torch.set_num_threads(case.threads or default_threads)
+                rates[case.label] = chars_per_second(gens[case.label], prime, case, 1)
+            torch.set_num_threads(default_threads)
+        for case in rows:
+            threads = case.threads or default_threads
+            ceiling, where = ceiling_of(gemm, min(threads, roof.cores))
+            round_roof = replace(roof, gemm={**roof.gemm, ("fp32", min(threads, roof.cores)): ceiling})
+            out[case.label].rates.append(rates[case.label])
+            out[case.label].limits.append(limit_of(round_roof, trained.model, case, threads)[0])
+            out[case.label].where.append(where)
+    return out
+
+
+def print_share_rounds(shares: dict[str, ShareRounds], model: str) -> None:
+    print(f"\n{model}, fp32 GEMM ceiling and row in {len(next(iter(shares.values())).rates)} interleaved rounds "
+          "(order alternating; share = row ÷ that round's ceiling prediction):")
+    print("| row | median share | per-round shares | row chars/s per round | ceiling's prediction per round |")
+    print("|---|---:|---|---|---|")
+    for label, s in shares.items():
+        median, ratios = median_of_ratios(s.rates, s.limits)
+        print(f"| {label} | **{median:.0%}** | " + ", ".join(f"{r:.0%}" for r in ratios)
+              + " | " + ", ".join(f"{r:,.0f}" for r in s.rates)
+              + " | " + ", ".join(f"{lim:,.0f}" for lim in s.limits) + " |")
+    wheres = sorted({w for s in shares.values() for w in s.where})
+    print(f"ceilings set by: {'; '.join(wheres)}")
+
+
 def bf16_against_fp32(path: Path, text_path: Path, threads: int) -> dict[str, float]:
     """Score the validation tenth of the text with fp32 and bf16 stateful steps, one stream."""
     trained = checkpoint.load(path)
@@ -184,10 +245,17 @@ def main() -> None:
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="vocabulary and prime come from this text")
     parser.add_argument("--quick", action="store_true", help="fewer characters per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="runs per row, the median is shown (default 3)")
+    parser.add_argument("--share-rounds", type=int, default=None,
+                        help="interleaved rounds of fp32 GEMM ceiling and 64-stream rows for their share "
+                             "(default 7, 3 with --quick; 0: none)")
     parser.add_argument("--checkpoint", type=Path, action="append", default=[],
                         help="a trained checkpoint to compare bf16 with fp32 on (repeatable)")
     parser.add_argument("--eval-text", type=Path, default=ALICE, help="its training text (default: Alice)")
     args = parser.parse_args()
+    if args.share_rounds is None:
+        args.share_rounds = 3 if args.quick else 7
+    if args.share_rounds < 0 or args.threads < 1 or args.repeats < 1:
+        parser.error("--share-rounds must be >= 0, --threads and --repeats >= 1")
     # a fresh kernel cache: how threads share a step is timed now, under this run's load
     cache = tempfile.TemporaryDirectory()
     os.environ[NATIVE_CACHE_ENV] = cache.name
@@ -206,6 +274,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     limits: dict[str, dict[str, tuple[float, str]]] = {}
     first_char: dict[str, dict[str, float]] = {}
+    shares: dict[str, ShareRounds] = {}
     for name, config in MODELS.items():
         torch.manual_seed(0)
         trained = TrainedModel(CharLSTM(ModelConfig(vocab_size=len(vocab), **config)).eval(), vocab)
@@ -217,6 +286,10 @@ def main() -> None:
             results[name][case.label] = chars_per_second(gen, prime, case, args.repeats)
             limits[name][case.label] = limit_of(roof, trained.model, case, threads)
         torch.set_num_threads(args.threads)
+        if name == SHARE_MODEL and args.share_rounds:
+            rows = [case for case in cases(args.quick) if case.label in SHARE_ROWS]
+            shares = share_in_rounds(trained, prime, roof, rows, args.share_rounds, args.threads,
+                                     0.1 if args.quick else 0.3)
         first_char[name] = {mode: first_character_ms(trained, prime, mode) for mode in ("stateful", "window")}
 
     names = list(MODELS)
@@ -242,6 +315,8 @@ def main() -> None:
             limit, binds = limits[n][case.label]
             cells.append(f"{results[n][case.label] / limit:.0%} of {limit:,.0f} ({binds})")
         print(f"| {case.label} | " + " | ".join(cells) + " |")
+    if shares:
+        print_share_rounds(shares, SHARE_MODEL)
     print_plans(plans_file(native_library()))
     for path in args.checkpoint:
         report = bf16_against_fp32(path, args.eval_text, args.threads)

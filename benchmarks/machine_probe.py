@@ -126,6 +126,47 @@ class Roofline:
         return streams / max(read, compute), ("bytes" if read >= compute else precision + " FLOPs")
 
 
+def gemm_rates_at_shapes(precision: str, threads: int, seconds: float) -> dict[tuple, float]:
+    """FLOP/s of each of ``GEMM_SHAPES`` in ``precision`` on ``threads`` PyTorch threads."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        return {shape: gemm_gflops(*shape, dtype, seconds) * 1e9 for shape in GEMM_SHAPES}
+    finally:
+        torch.set_num_threads(before)
+
+
+def gemm_rates_by_threads(precision: str, cores: int, seconds: float) -> dict[int, dict[tuple, float]]:
+    """The rates ``probe`` measures for a ceiling with ``cores`` cores: every shape on 1 thread
+    and on ``cores`` threads."""
+    return {n: gemm_rates_at_shapes(precision, n, seconds) for n in sorted({1, cores})}
+
+
+def ceiling_of(rates: dict[int, dict[tuple, float]], cores: int) -> tuple[float, str]:
+    """The GEMM ceiling with ``cores`` cores as ``probe`` defines it: the best rate measured on
+    ``cores`` threads or fewer (a program may leave cores idle); and which shape reached it."""
+    best, where = 0.0, ""
+    for n, by_shape in sorted(rates.items()):
+        if n > cores:
+            continue
+        for shape, rate in by_shape.items():
+            if rate > best:
+                best, where = rate, f"{'×'.join(map(str, shape))} on {n} core{'s' if n > 1 else ''}"
+    if not where:
+        raise ValueError(f"no GEMM rate measured on {cores} cores or fewer")
+    return best, where
+
+
+def median_of_ratios(numerators: list[float], denominators: list[float]) -> tuple[float, list[float]]:
+    """Each round's ratio (a row over the limit measured in the same round) and their median:
+    a host whose speed drifts between rounds moves both sides of a round's ratio together."""
+    if not numerators or len(numerators) != len(denominators):
+        raise ValueError("need one denominator per numerator, at least one round")
+    ratios = [n / d for n, d in zip(numerators, denominators)]
+    return float(np.median(ratios)), ratios
+
+
 def probe(quick: bool = False) -> Roofline:
     from charlstm.native import native_library
 
@@ -137,15 +178,10 @@ def probe(quick: bool = False) -> Roofline:
     for n in core_counts:
         for mb in ARRAY_MB:
             roof.bandwidth[n, mb] = stream_bytes_per_s(library, mb, n, seconds)
-    threads = torch.get_num_threads()
-    try:
-        for n in core_counts:
-            torch.set_num_threads(n)
-            for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-                for shape in GEMM_SHAPES:
-                    roof.gemm_at_shape[precision, n, shape] = gemm_gflops(*shape, dtype, seconds) * 1e9
-    finally:
-        torch.set_num_threads(threads)
+    for n in core_counts:
+        for precision in ("fp32", "bf16"):
+            for shape, rate in gemm_rates_at_shapes(precision, n, seconds).items():
+                roof.gemm_at_shape[precision, n, shape] = rate
     # the ceiling with n cores: the best measured with n or fewer (a program may leave cores idle)
     for (precision, n, _), rate in roof.gemm_at_shape.items():
         for m in core_counts:
