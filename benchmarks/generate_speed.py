@@ -183,15 +183,15 @@ def share_in_rounds(trained: TrainedModel, prime: str, roof: Roofline, rows: lis
 def print_share_rounds(shares: dict[str, ShareRounds], model: str) -> None:
     print(f"\n{model}, fp32 GEMM ceiling and row in {len(next(iter(shares.values())).rates)} interleaved rounds "
           "(order alternating; share = row ÷ that round's ceiling prediction):")
-    print("| row | median share | per-round shares | row chars/s per round | ceiling's prediction per round |")
-    print("|---|---:|---|---|---|")
+    print("| row | median share | per-round shares | row chars/s per round | ceiling's prediction per round "
+          "| ceiling set by |")
+    print("|---|---:|---|---|---|---|")
     for label, s in shares.items():
         median, ratios = median_of_ratios(s.rates, s.limits)
-        print(f"| {label} | **{median:.0%}** | " + ", ".join(f"{r:.0%}" for r in ratios)
+        print(f"| {label} | **{median:.1%}** | " + ", ".join(f"{r:.0%}" for r in ratios)
               + " | " + ", ".join(f"{r:,.0f}" for r in s.rates)
-              + " | " + ", ".join(f"{lim:,.0f}" for lim in s.limits) + " |")
-    wheres = sorted({w for s in shares.values() for w in s.where})
-    print(f"ceilings set by: {'; '.join(wheres)}")
+              + " | " + ", ".join(f"{lim:,.0f}" for lim in s.limits)
+              + " | " + "; ".join(sorted(set(s.where))) + " |")
 
 
 def bf16_against_fp32(path: Path, text_path: Path, threads: int) -> dict[str, float]:
