@@ -18,9 +18,11 @@ Prints, with the machine and its load average:
    ratio to 1 x 1 taken within its round (the host's speed drifts over minutes); and the time
    of summing the model's gradients between 2 processes (gloo all-reduce, shared memory).
 4. Training and generation characters/s (generation in fp32 and in bf16, whose products
-   include the output layer's) with a 5,000-symbol vocabulary against the 45-symbol Alice one
-   (randomly initialised models: speed does not depend on the weights), and the share of the
-   output head in the multiply-adds.
+   include the output layer's) with a 5,000-symbol vocabulary, full and adaptive head
+   (counts by Zipf's law, the training batch drawn from them), against the 45-symbol Alice
+   one (randomly initialised models: speed does not depend on the weights), the share of the
+   output head in the multiply-adds, and the training step with either head for 250 to 2,000
+   symbols (where ``--head auto`` switches).
 
 Every measurement runs in a child process, one after another, so that they never share the
 cores with each other; other users of the machine still may (see the load average).
@@ -40,6 +42,9 @@ import time
 from pathlib import Path
 
 from machine_probe import cpu_name  # benchmarks/ is on the path when this script runs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from charlstm.adaptive import projection_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARLSTM_SHARED", REPO.parent / "shared"))
@@ -223,61 +228,57 @@ def bench_allreduce(vocab_size: int) -> tuple[int, float, float]:
 
 
 VOCAB_CODE = r"""
-import sys, time, json, torch, torch.nn.functional as F
+import sys, time, json, numpy as np, torch, torch.nn.functional as F
 from charlstm import CharLSTM, ModelConfig, Generator, TrainedModel, Vocab, SamplingConfig
+from charlstm.adaptive import choose_cutoffs
 from charlstm.corpus import Corpus
 torch.set_num_threads(1)
-size, steps, chars = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-if size == 0:  # Alice's own vocabulary
-    vocab = Vocab.from_text(Corpus.from_files(sys.argv[4]).text)
-else:  # CJK ideographs and a newline: a Chinese novel's alphabet
+size, head, steps, chars = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+clock = time.process_time if sys.argv[6] == "cpu" else time.perf_counter  # cpu: this process's CPU seconds
+rng = np.random.default_rng(0)
+if size == 0:  # Alice's own vocabulary and text
+    text = Corpus.from_files(sys.argv[5]).text
+    vocab = Vocab.from_text(text)
+    ids = vocab.encode(text).astype(np.int64)
+    counts = np.bincount(ids, minlength=len(vocab))
+else:  # CJK ideographs and a newline: a Chinese novel's alphabet, with Zipf's law for the counts
     vocab = Vocab(tuple(sorted([chr(c) for c in range(0x4E00, 0x4E00 + size - 1)] + ["\n"])))
+    counts = (1e8 / np.arange(1, size + 1)).astype(np.int64)[rng.permutation(size)]
+    ids = rng.choice(size, size=200_000, p=counts / counts.sum())
 V = len(vocab)
 torch.manual_seed(0)
+cutoffs = choose_cutoffs(counts, 256) if head == "adaptive" else ()
 model = CharLSTM(ModelConfig(vocab_size=V, input="embedding", embedding_dim=64, layers=2, units=256, target="all",
-                             dropout=0.0))
+                             dropout=0.0, head=head, head_cutoffs=cutoffs), symbol_counts=counts)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-x, y = torch.randint(0, V, (64, 50)), torch.randint(0, V, (64, 50))
-def step():
+starts = rng.integers(0, len(ids) - 51, 64)
+batch = torch.from_numpy(np.stack([ids[s:s + 51] for s in starts]))
+x, y = batch[:, :-1], batch[:, 1:]
+def step():  # what charlstm train does: bf16 autocast, the loss in fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, V), y.reshape(-1))
+        loss, _ = model(x, targets=y)
     opt.zero_grad(); loss.backward(); opt.step()
 step()
-t = time.perf_counter()
+t = clock()
 for _ in range(steps):
     step()
-train = steps * 64 * 50 / (time.perf_counter() - t)
-# where the output layer's time goes: its two GEMMs (forward, backward) and the fp32 cross-entropy
-h = torch.randn(64 * 50, 256, requires_grad=True)
-def head_only(with_loss):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model.head(h)
-    loss = F.cross_entropy(logits.float(), y.reshape(-1)) if with_loss else logits.float().sum()
-    loss.backward()
-def timed(fn, n=3):
-    fn(); t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t) / n
-step_s = 64 * 50 / train
-gemm_s, head_s = timed(lambda: head_only(False)), timed(lambda: head_only(True))
-prime = "".join(vocab.chars[:20])
-out = {"vocab": V, "train": train, "step_ms": step_s * 1000, "gemm_ms": gemm_s * 1000,
-       "ce_ms": max(head_s - gemm_s, 0.0) * 1000}
-for precision in ("fp32", "bf16"):  # bf16: the recurrence and the output layer in bf16 products
+train = steps * 64 * 50 / (clock() - t)
+out = {"vocab": V, "head": head, "cutoffs": list(cutoffs), "train": train, "step_ms": 64 * 50 / train * 1000}
+prime = vocab.decode(ids[:20])
+for precision in ("fp32", "bf16") if chars else ():  # bf16: the recurrence and the output layer in bf16 products
     gen = Generator(TrainedModel(model.eval(), vocab), precision=precision)
     for temperature in (0.0, 1.0):
         gen.generate(prime, 20, sampling=SamplingConfig(temperature), seed=1)
-        t = time.perf_counter()
+        t = clock()
         text = gen.generate(prime, chars, sampling=SamplingConfig(temperature), seed=1)
-        out[f"gen{temperature:g}{'' if precision == 'fp32' else precision}"] = len(text) / (time.perf_counter() - t)
+        out[f"gen{temperature:g}{'' if precision == 'fp32' else precision}"] = len(text) / (clock() - t)
 print(json.dumps(out))
 """
 
 
-def bench_vocab(size: int, steps: int, chars: int) -> dict:
-    result = run_measured([sys.executable, "-c", VOCAB_CODE, str(size), str(steps), str(chars), str(ALICE)])
+def bench_vocab(size: int, head: str, steps: int, chars: int, cpu_time: bool = False) -> dict:
+    result = run_measured([sys.executable, "-c", VOCAB_CODE, str(size), head, str(steps), str(chars), str(ALICE),
+                           "cpu" if cpu_time else "wall"])
     return json.loads(result["stdout"].strip().splitlines()[-1])
 
 
@@ -288,10 +289,17 @@ def _prepare_row(label: str, r: dict) -> str:
             f"{r['mb'] / r['cpu']:,.1f} | {r['peak_mb']:,.0f} |")
 
 
-def head_share(vocab: int, units: int = 256, embedding: int = 64, layers: int = 2) -> float:
-    """The output layer's share of the multiply-adds per character (forward; backward alike)."""
+def head_share(vocab: int, cutoffs=(), units: int = 256, embedding: int = 64, layers: int = 2) -> float:
+    """The output layer's share of the multiply-adds per character (forward; backward alike);
+    for the adaptive head, its full distribution (every cluster: what generation computes)."""
     lstm = 4 * units * (embedding + units) + (layers - 1) * 4 * units * (2 * units)
-    head = units * vocab
+    if not cutoffs:
+        head = units * vocab
+    else:
+        edges = [*cutoffs, vocab]
+        head = units * (cutoffs[0] + len(cutoffs)) + sum(
+            units * projection_size(units, i) + projection_size(units, i) * (stop - start)
+            for i, (start, stop) in enumerate(zip(edges, edges[1:])))
     return head / (lstm + head)
 
 
@@ -305,6 +313,8 @@ def main() -> None:
     parser.add_argument("--train-seconds", type=int, default=120, help="training-memory run length")
     parser.add_argument("--prepare-only", action="store_true", help="section 1 only")
     parser.add_argument("--vocab-only", action="store_true", help="section 4 only")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="section 4 in the process's CPU seconds, not wall time (a busy machine)")
     parser.add_argument("--ddp-only", action="store_true", help="section 3 only (prepares the shared folder first)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of section 3")
     args = parser.parse_args()
@@ -363,24 +373,36 @@ def main() -> None:
 
 
 def bench_vocab_section(args) -> None:
-    print("\n## 4. large vocabulary (2 x 256, bf16 training step 64 x 50, 1 thread; generation 1 stream, native)\n")
+    clock = "CPU seconds" if args.cpu_time else "wall time"
+    print(f"\n## 4. large vocabulary (2 x 256, bf16 training step 64 x 50, 1 thread; generation 1 stream, native; "
+          f"{clock})\n")
     train_steps, gen_chars = (3, 1000) if args.quick else (10, 4000)
-    alice = bench_vocab(0, train_steps, gen_chars)
-    big = bench_vocab(5000, train_steps, gen_chars)
+    alice = bench_vocab(0, "full", train_steps, gen_chars, args.cpu_time)
+    rows = [alice, *(bench_vocab(5000, head, train_steps, gen_chars, args.cpu_time) for head in ("full", "adaptive"))]
     gens = ("gen0", "gen1", "gen0bf16", "gen1bf16")
-    print("| vocabulary | head share of multiply-adds | training chars/s | greedy chars/s | temperature 1 chars/s "
-          "| bf16 greedy chars/s | bf16 temperature 1 chars/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in (alice, big):
-        print(f"| {r['vocab']:,} symbols | {head_share(r['vocab']):.0%} | {r['train']:,.0f} | "
-              + " | ".join(f"{r[g]:,.0f}" for g in gens) + " |")
-    print(f"| ratio {alice['vocab']} / {big['vocab']:,} | | {alice['train'] / big['train']:.2f}x | "
-          + " | ".join(f"{alice[g] / big[g]:.2f}x" for g in gens) + " |")
-    print("\n| vocabulary | training step ms | output layer GEMMs ms | fp32 cross-entropy ms |")
+    print("| vocabulary | head | head share of multiply-adds | training chars/s | greedy chars/s "
+          "| temperature 1 chars/s | bf16 greedy chars/s | bf16 temperature 1 chars/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['vocab']:,} symbols | {_head_name(r)} | {head_share(r['vocab'], r['cutoffs']):.0%} | "
+              f"{r['train']:,.0f} | " + " | ".join(f"{r[g]:,.0f}" for g in gens) + " |")
+    for r in rows[1:]:
+        print(f"| ratio {alice['vocab']} / {r['vocab']:,} | {_head_name(r)} | | {alice['train'] / r['train']:.2f}x | "
+              + " | ".join(f"{alice[g] / r[g]:.2f}x" for g in gens) + " |")
+    print("\nwhere the adaptive head pays off: the training step, full vs adaptive head, by vocabulary size "
+          "(--head auto's threshold)\n")
+    print("| vocabulary | full head ms/step | adaptive head ms/step | adaptive / full |")
     print("|---|---:|---:|---:|")
-    for r in (alice, big):
-        print(f"| {r['vocab']:,} symbols | {r['step_ms']:,.0f} | {r['gemm_ms']:,.0f} | {r['ce_ms']:,.0f} |")
+    for size in (250, 500, 1000, 2000):
+        full, adaptive = (bench_vocab(size, head, max(3, train_steps // 2), 0, args.cpu_time)
+                          for head in ("full", "adaptive"))
+        print(f"| {size:,} | {full['step_ms']:,.0f} | {adaptive['step_ms']:,.0f} | "
+              f"{adaptive['step_ms'] / full['step_ms']:.2f} |", flush=True)
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def _head_name(r: dict) -> str:
+    return "full" if r["head"] == "full" else f"adaptive {','.join(map(str, r['cutoffs']))}"
 
 
 if __name__ == "__main__":

@@ -70,10 +70,10 @@ def test_stateful_windows_carry_the_state_between_batches(tmp_path, small_text, 
     seen = []
     original = CharLSTM.forward
 
-    def recording_forward(self, ids, state=None, last_only=False):
+    def recording_forward(self, ids, state=None, last_only=False, **kwargs):
         if self.training:
             seen.append(state is not None)
-        return original(self, ids, state, last_only)
+        return original(self, ids, state, last_only, **kwargs)
 
     monkeypatch.setattr(CharLSTM, "forward", recording_forward)
     code, rows = _train(tmp_path, small_text, "--preset", "tutorial-small", "--stateful", "--epochs", "1",

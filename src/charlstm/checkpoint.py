@@ -26,6 +26,7 @@ from .corpus import Normalization
 from .checks import check_name, check_no_nul
 from .errors import CharLSTMError
 from .fileio import NAME_MAX, atomic_write_bytes
+from .adaptive import AdaptiveHead
 from .model import CharLSTM, ModelConfig
 from .records import TrainingRecord
 from .vocab import Vocab
@@ -198,6 +199,11 @@ def _build_model(path: Path, config: ModelConfig, tensors: dict) -> CharLSTM:
         raise CharLSTMError(f"{path}: the model config needs {need:,} weights, the file holds {have:,}")
     model = CharLSTM(config)
     model.load_state_dict(_model_weights(path, model, tensors))
+    if isinstance(model.head, AdaptiveHead):
+        try:
+            model.head.check_order()
+        except CharLSTMError as err:
+            raise CharLSTMError(f"{path}: {err}") from None
     return model
 
 
@@ -209,7 +215,7 @@ def parameter_count(config: ModelConfig) -> int:
     for layer in range(config.layers):
         width = inputs if layer == 0 else units
         total += 4 * units * (width + units) + 8 * units
-    return total + units * vocab + vocab
+    return total + config.head_parameters()
 
 
 def _check_header(path: Path) -> None:

@@ -33,8 +33,8 @@ from .distributed import Distributed
 from .model import INPUTS, TARGETS
 from .native import PRECISIONS as STEP_PRECISIONS
 from .prepare import PrepareConfig, PreparedData, prepare
-from .recipes import (BATCHINGS, GRADIENT_SUMS, MONITORS, OPTIMIZERS, OPTION_NAMES, PRECISIONS, PRESETS, SCHEDULES,
-                      option_help, preset_configs)
+from .recipes import (BATCHINGS, GRADIENT_SUMS, HEAD_CHOICES, MONITORS, OPTIMIZERS, OPTION_NAMES, PRECISIONS,
+                      PRESETS, SCHEDULES, option_help, preset_configs)
 from .train import fit
 
 EXIT_USAGE = 2
@@ -60,14 +60,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _temperatures(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        values = ()
-    if not values:
-        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.2,0.5,1.0, not {text!r}")
-    return values
+def _comma_list(convert, kind: str, example: str):
+    """An argparse type: comma-separated values, each read by ``convert``."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(convert(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            values = ()
+        if not values:
+            raise argparse.ArgumentTypeError(f"must be comma-separated {kind} such as {example}, not {text!r}")
+        return values
+    return parse
+
+
+_temperatures = _comma_list(float, "numbers", "0.2,0.5,1.0")
+_cutoffs = _comma_list(int, "whole numbers", "500,2000")
 
 
 # ----------------------------------------------------------------------- arguments
@@ -140,6 +147,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     option("weight_drop", type=float)
     option("variational", action=argparse.BooleanOptionalAction, default=None)
     option("window", type=_positive_int)
+    option("head", choices=HEAD_CHOICES)
+    option("head_cutoffs", type=_cutoffs, metavar="N[,N...]")
     option("epochs", type=_positive_int)
     option("batch_size", type=_positive_int)
     option("lr", type=float)
@@ -373,7 +382,8 @@ def prepare_training(args: argparse.Namespace) -> dict:
     generation options. Returns the training overrides."""
     overrides = {name: value for name, value in vars(args).items() if name in OPTION_NAMES}
     if args.resume is None and args.init is None:
-        preset_configs(args.preset, 2, **overrides)  # validates both configs with these values
+        # validates both configs with these values (the head's depend on the vocabulary: later)
+        preset_configs(args.preset, 2, **{k: v for k, v in overrides.items() if k not in ("head", "head_cutoffs")})
     else:
         check_seed(args.seed)
         check_threads(args.threads)

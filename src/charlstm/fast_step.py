@@ -40,10 +40,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .adaptive import AdaptiveHead
 from .errors import CharLSTMError
 from .model import CharLSTM, State
-from .native import (PRECISIONS, NativeLayout, NativeNet, bf16_kernel, native_library, plans_file,
-                     splittable)
+from .native import (PRECISIONS, NativeAdaptiveCompletion, NativeLayout, NativeNet, bf16_kernel, native_library,
+                     plans_file, splittable)
 
 BACKENDS = ("auto", "native", "torch", "module")
 LEAN_GATES = ("sigmoid", "hard_sigmoid")  # gate activations the lean backends implement (cell: tanh)
@@ -75,10 +76,11 @@ class LeanWeights:
     input_bias: torch.Tensor         # layer 0's b_ih + b_hh
     recurrent: list[torch.Tensor]    # layer 0: W_hh (4H, H); layer l: [W_ih | W_hh] (4H, 2H)
     biases: list[torch.Tensor]       # b_ih + b_hh per layer
-    head_weight: torch.Tensor        # (V, H)
+    head_weight: torch.Tensor        # (V, H); the adaptive head's shortlist layer (shortlist + clusters, H)
     head_bias: torch.Tensor          # (V,)
     encode: Callable[[torch.Tensor], torch.Tensor]  # the model's input encoding, ids -> features
     packed: dict = field(default_factory=dict)      # backend layouts made once, by backend name
+    adaptive: "AdaptiveTails | None" = None         # the adaptive head's clusters, completed after each step
 
     @property
     def layers(self) -> int:
@@ -100,10 +102,56 @@ class LeanWeights:
         table = None
         if cfg.vocab_size * 4 * cfg.units <= MAX_TABLE_FLOATS:
             table = f32(_input_projection(model, torch.arange(cfg.vocab_size, device=model.head.weight.device)))
+        head = model.head.shortlist if isinstance(model.head, AdaptiveHead) else model.head
+        adaptive = AdaptiveTails.from_head(model.head) if isinstance(model.head, AdaptiveHead) else None
         return cls(units=cfg.units, hard_sigmoid=cfg.recurrent_activation == "hard_sigmoid", table=table,
                    input_weight=f32(layers[0].weight_ih_l0), input_bias=biases[0], recurrent=recurrent,
-                   biases=biases, head_weight=f32(model.head.weight), head_bias=f32(model.head.bias),
-                   encode=model.encode_inputs)
+                   biases=biases, head_weight=f32(head.weight), head_bias=f32(head.bias),
+                   encode=model.encode_inputs, adaptive=adaptive)
+
+
+@dataclass
+class AdaptiveTails:
+    """The adaptive head past its shortlist layer, as float32 NumPy arrays: the lean steppers
+    compute the shortlist layer (shortlist and cluster outputs) like a full head, and this
+    completes each step's outputs to the full distribution's log-probabilities in id order."""
+
+    shortlist: int
+    bounds: list[tuple[int, int]]     # rank range of each cluster
+    projections: list[np.ndarray]     # (H, d_i)
+    clusters: list[np.ndarray]        # (d_i, n_i)
+    cluster_biases: list[np.ndarray]  # (n_i,)
+    ranks: np.ndarray                 # rank of each id
+    order: np.ndarray                 # id of each rank
+
+    @classmethod
+    @torch.inference_mode()
+    def from_head(cls, head: AdaptiveHead) -> "AdaptiveTails":
+        f32 = lambda t: np.ascontiguousarray(t.detach().float().cpu().numpy())  # noqa: E731
+        return cls(head.shortlist_size, list(head.bounds), [f32(p.weight.T) for p in head.projections],
+                   [f32(c.weight.T) for c in head.clusters], [f32(c.bias) for c in head.clusters],
+                   head.ranks().cpu().numpy(), head.order_ids().cpu().numpy())
+
+    def native(self, library: ctypes.CDLL) -> NativeAdaptiveCompletion:
+        return NativeAdaptiveCompletion(library, self.shortlist, self.bounds, self.projections, self.clusters,
+                                        self.cluster_biases, self.order)
+
+    def log_probs(self, first: np.ndarray, top: np.ndarray) -> np.ndarray:
+        """(B, shortlist + clusters) first-layer outputs and the (B, H) top layer's output ->
+        (B, V) log-probabilities in id order."""
+        head = _log_softmax(first.astype(np.float32, copy=False))
+        parts = [head[:, :self.shortlist]]
+        for i, (projection, cluster, bias) in enumerate(zip(self.projections, self.clusters, self.cluster_biases)):
+            inner = _log_softmax(np.matmul(top @ projection, cluster) + bias)
+            inner += head[:, self.shortlist + i, None]
+            parts.append(inner)
+        return np.concatenate(parts, axis=1)[:, self.ranks]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return z
 
 
 def _input_projection(model: CharLSTM, ids: torch.Tensor) -> torch.Tensor:
@@ -243,6 +291,43 @@ class TorchStepper(Stepper):
             torch.index_select(self.table, 0, self.ids, out=gates)
         else:  # vocabulary too large for a table: project the encoded input each step
             torch.addmm(self.input_bias, self.weights.encode(self.ids).float(), self.input_weight_t, out=gates)
+
+
+class AdaptiveStepper(Stepper):
+    """A lean stepper of an adaptive-head model: its own head is the shortlist layer, whose
+    outputs ``AdaptiveTails`` completes to the full distribution after each step. The state
+    tensors are the inner stepper's own. ``library``: the native kernel, which then does the
+    completion (on the CPU), else NumPy does."""
+
+    def __init__(self, inner: Stepper, library: ctypes.CDLL | None = None) -> None:
+        super().__init__(inner.weights, inner.batch_size)
+        self.inner, self.backend = inner, inner.backend
+        self.h, self.c = inner.h, inner.c
+        cpu = inner.h.device.type == "cpu"
+        self._top = inner.h[-1].numpy() if cpu else None
+        tails = inner.weights.adaptive
+        self._complete_with = tails.native(library) if library is not None and cpu else tails.log_probs
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        return self._complete(self.inner.step(ids))
+
+    def prime(self, ids: Sequence[int]) -> np.ndarray:
+        return self._complete(self.inner.prime(ids))
+
+    def step_argmax(self, ids: np.ndarray) -> np.ndarray:
+        """A step that returns each stream's most probable next id (the argmax of ``step``'s
+        rows): in C only the clusters that can hold it are computed."""
+        first = self.inner.step(ids)
+        if isinstance(self._complete_with, NativeAdaptiveCompletion):
+            return self._complete_with.argmax(first, self._top)
+        return self._complete(first).argmax(axis=1)
+
+    def _complete(self, first: np.ndarray) -> np.ndarray:
+        top = self._top if self._top is not None else self.inner.h[-1].cpu().numpy()
+        return self._complete_with(first, top)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 # ----------------------------------------------------------------------------- native
@@ -575,7 +660,16 @@ def make_stepper(model: CharLSTM, batch_size: int, backend: str = "auto",
                  precision: str = "fp32") -> Stepper:
     """A stepper for ``model``; ``auto`` = native on CPU where it compiles, torch otherwise,
     module for layers the lean backends do not implement. ``precision`` ``bf16`` (lean
-    backends only): bf16 weights and products, fp32 sums and state."""
+    backends only): bf16 weights and products, fp32 sums and state. An adaptive head's
+    clusters are completed after each lean step (``AdaptiveStepper``)."""
+    stepper = _make_stepper(model, batch_size, backend, weights, library, precision)
+    if stepper.weights is not None and stepper.weights.adaptive is not None:
+        return AdaptiveStepper(stepper, stepper._library if isinstance(stepper, NativeStepper) else library)
+    return stepper
+
+
+def _make_stepper(model: CharLSTM, batch_size: int, backend: str, weights: LeanWeights | None,
+                  library: ctypes.CDLL | None, precision: str) -> Stepper:
     check_backend(backend, precision)
     if precision == "bf16" and not lean_supported(model):
         raise CharLSTMError("--precision bf16 runs on the native and torch backends, with sigmoid or "

@@ -66,6 +66,9 @@ def load_init(init: str | Path, vocab: Vocab, model_overrides: dict | None = Non
         raise CharLSTMError(f"--init {init}: fine-tuning needs a model with embedding input that predicts "
                             f"every position (this one has input {source.config.input}, "
                             f"target {source.config.target})")
+    if source.config.head != "full":
+        raise CharLSTMError(f"--init {init}: remapping onto new characters needs a model with a full softmax head "
+                            f"(this one's is {source.config.head})")
     overrides = dict(model_overrides or {})
     fixed = sorted(k for k, v in overrides.items()
                    if k not in REGULARISATION_FIELDS and k != "vocab_size" and v != getattr(source.config, k))

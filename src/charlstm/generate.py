@@ -30,7 +30,7 @@ import torch
 from .checkpoint import TrainedModel
 from .checks import check_float, check_int, check_temperature, inverse_temperature
 from .errors import CharLSTMError
-from .fast_step import LeanWeights, Stepper, check_backend, lean_supported, make_stepper
+from .fast_step import AdaptiveStepper, LeanWeights, Stepper, check_backend, lean_supported, make_stepper
 from .native import NativeSampler, native_library
 
 MODES = ("auto", "stateful", "window")
@@ -135,6 +135,7 @@ class BatchSampler:
                  for s in samplings]
         self.size = len(samplings)
         self.any_greedy = "greedy" in kinds
+        self.all_greedy = set(kinds) == {"greedy"}
         self.plain = _Group.of(samplings, [i for i, k in enumerate(kinds) if k == "plain"])
         self.filtered = _Group.of(samplings, [i for i, k in enumerate(kinds) if k == "filtered"])
         self.plain_draw = plain_draw or numpy_draw
@@ -337,7 +338,8 @@ class Generator:
     def _run(self, ids: list[int], length: int, sampler: BatchSampler, mode: str,
              matchers: list[StopMatcher]) -> Iterator[list[str]]:
         streams = len(matchers)
-        steps = self._window_steps(ids, streams) if mode == "window" else self._stateful_steps(ids, streams)
+        steps = (self._window_steps(ids, streams) if mode == "window"
+                 else self._stateful_steps(ids, streams, sampler.all_greedy))
         chars = self.vocab.chars
         watch = any(m.stops for m in matchers)  # without stop strings every character goes out as it is
         logits = next(steps)
@@ -380,7 +382,7 @@ class Generator:
         library = self._native_library()
         return NativeSampler(library) if library is not None else None
 
-    def _stateful_steps(self, ids: list[int], streams: int):
+    def _stateful_steps(self, ids: list[int], streams: int, greedy: bool = False):
         # prime one stream, then give its state to every stream of the batch
         primer = self.stepper(1)
         first = np.repeat(primer.prime(ids), streams, axis=0)
@@ -388,6 +390,10 @@ class Generator:
         if stepper is not primer:
             stepper.load_state(primer.state())
         chosen = yield first
+        if greedy and isinstance(stepper, AdaptiveStepper):
+            # every stream greedy: an adaptive head's argmax needs only the clusters that can hold it
+            while True:
+                chosen = yield _Chosen(stepper.step_argmax(chosen))
         while True:
             chosen = yield stepper.step(chosen)
 
@@ -400,6 +406,17 @@ class Generator:
             chosen = yield logits.float().cpu().numpy()
             kept = window[:, 1:] if window.shape[1] >= size else window
             window = torch.cat([kept, torch.from_numpy(chosen).to(self.device, torch.long)[:, None]], dim=1)
+
+
+class _Chosen:
+    """A step's outputs when every stream is greedy and the stepper has already taken each
+    row's argmax: what ``BatchSampler.pick`` asks of such a batch, and nothing else."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = ids
+
+    def argmax(self, axis: int) -> np.ndarray:
+        return self.ids
 
 
 def generate(trained: TrainedModel, length: int = 1000, prime: str | None = None,

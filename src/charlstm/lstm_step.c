@@ -726,5 +726,133 @@ void charlstm_sample(int32_t rows, int32_t vocab, int64_t stride, const float *l
     free(sums);
 }
 
+/* ------------------------------------------------------------------ adaptive head */
+
+/* log(sum(exp(x[j] - top))) + top over n values: the log-normaliser of a softmax. */
+static float log_sum_exp(const float *x, int n)
+{
+    const float top = row_max(x, n);
+    float lanes[LANES] = {0};
+    int j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int k = 0; k < LANES; k++)
+            lanes[k] += exp_clamped(x[j + k] - top);
+    for (; j < n; j++)
+        lanes[0] += exp_clamped(x[j] - top);
+    float sum = 0.0f;
+    for (int k = 0; k < LANES; k++)
+        sum += lanes[k];
+    return top + logf(sum);
+}
+
+/* out[c] = bias[c] + sum_k x[k] w[k][c] for c < n: w row-major (K, n). Four vectors of
+ * outputs at a time stay in registers over all k (one load per multiply-add). */
+static void dense_row(int K, int n, const float *x, const float *w, const float *bias, float *out)
+{
+    int c0 = 0;
+    for (; c0 + CHUNK <= n; c0 += CHUNK) {
+        vec acc[VECS];
+        for (int v = 0; v < VECS; v++)
+            acc[v] = bias ? load(bias + c0 + v * LANES) : (vec){0};
+        for (int k = 0; k < K; k++) {
+            const float *wk = w + (long)k * n + c0;
+            for (int v = 0; v < VECS; v++)
+                acc[v] += x[k] * load(wk + v * LANES);
+        }
+        for (int v = 0; v < VECS; v++)
+            store(out + c0 + v * LANES, acc[v]);
+    }
+    for (; c0 + LANES <= n; c0 += LANES) {
+        vec acc = bias ? load(bias + c0) : (vec){0};
+        for (int k = 0; k < K; k++)
+            acc += x[k] * load(w + (long)k * n + c0);
+        store(out + c0, acc);
+    }
+    for (int c = c0; c < n; c++) {
+        float sum = bias ? bias[c] : 0.0f;
+        for (int k = 0; k < K; k++)
+            sum += x[k] * w[(long)k * n + c];
+        out[c] = sum;
+    }
+}
+
+/* Cluster i's members for one row: their scores in inner (n_i), and the shift that makes
+ * inner[j] + shift their log-probabilities, given the cluster's head log-probability. */
+static float cluster_scores(int H, const float *h, int dims, int n, const float *projection, const float *weights,
+                            const float *bias, float head_log_prob, float *projected, float *inner)
+{
+    dense_row(H, dims, h, projection, 0, projected);
+    dense_row(dims, n, projected, weights, bias, inner);
+    return head_log_prob - log_sum_exp(inner, n);
+}
+
+/* Keeps the larger value, the smaller id on a tie: NumPy's argmax over ids in order. */
+static inline void keep_best(float v, int32_t id, float *best, int64_t *best_id)
+{
+    if (v > *best || (v == *best && id < *best_id)) {
+        *best = v;
+        *best_id = id;
+    }
+}
+
+/* out[i] = values[index[i]] for i < n (restrict: the compiler then uses vector gathers). */
+static void gather(int n, const int32_t *restrict index, const float *restrict values, float *restrict out)
+{
+    for (int i = 0; i < n; i++)
+        out[i] = values[index[i]];
+}
+
+/* The adaptive softmax head past its shortlist layer (charlstm.adaptive), for each of B rows:
+ * first (B, shortlist + clusters; row stride first_stride) holds the shortlist layer's
+ * outputs, top (B, H) the top layer's output. Cluster i (ranks bounds[i]..bounds[i+1]) is
+ * projected to dims[i] features (projections[i]: (H, dims[i])), then to its members
+ * (weights[i]: (dims[i], n_i), biases[i]). order[rank] is a symbol's id, ranks[id] its rank.
+ * With out, writes the full distribution's log-probabilities in id order (row stride
+ * out_stride): computed in rank order, then gathered (a gather vectorises, a scatter does
+ * not). Without it, writes each row's most probable id to chosen, computing only the clusters
+ * whose own probability is above the best symbol's found so far (a member's probability is at
+ * most its cluster's): the same id as the argmax of out. scratch: dims max + V floats. */
+void charlstm_adaptive_complete(int32_t B, int32_t H, const float *top, const float *first, int64_t first_stride,
+                                int32_t clusters, const int32_t *bounds, const int32_t *dims,
+                                const float *const *projections, const float *const *weights,
+                                const float *const *biases, const int32_t *order, const int32_t *ranks,
+                                float *scratch, float *out, int64_t out_stride, int64_t *chosen)
+{
+    const int shortlist = bounds[0], V = bounds[clusters];
+    int widest = 0;
+    for (int i = 0; i < clusters; i++)
+        widest = dims[i] > widest ? dims[i] : widest;
+    float *projected = scratch, *by_rank = scratch + widest;
+    for (int b = 0; b < B; b++) {
+        const float *f = first + b * first_stride, *h = top + (long)b * H;
+        const float norm = log_sum_exp(f, shortlist + clusters);
+        float best = -INFINITY;
+        int64_t best_id = -1;
+        for (int j = 0; j < shortlist; j++) {
+            by_rank[j] = f[j] - norm;
+            if (!out)
+                keep_best(by_rank[j], order[j], &best, &best_id);
+        }
+        for (int i = 0; i < clusters; i++) {
+            const int n = bounds[i + 1] - bounds[i];
+            const float head_log_prob = f[shortlist + i] - norm;
+            if (!out && head_log_prob + 1e-4f * (1.0f + fabsf(head_log_prob)) < best)
+                continue; /* no member can win (the margin covers rounding) */
+            float *inner = by_rank + bounds[i];
+            const float shift = cluster_scores(H, h, dims[i], n, projections[i], weights[i], biases[i],
+                                               head_log_prob, projected, inner);
+            for (int j = 0; j < n; j++)
+                inner[j] += shift;
+            if (!out)
+                for (int j = 0; j < n; j++)
+                    keep_best(inner[j], order[bounds[i] + j], &best, &best_id);
+        }
+        if (out)
+            gather(V, ranks, by_rank, out + b * out_stride);
+        else
+            chosen[b] = best_id;
+    }
+}
+
 /* Lets the loader check that it talks to the file it compiled. */
 int charlstm_abi_version(void) { return 5; }

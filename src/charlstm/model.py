@@ -22,15 +22,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adaptive import AdaptiveHead, adaptive_parameter_count, check_cutoffs, frequency_order
+from .data import IGNORE_INDEX
 from .errors import CharLSTMError
 from .vocab import MAX_VOCAB
 
 INPUTS = ("scaled", "onehot", "embedding")
 TARGETS = ("last", "all")
+HEADS = ("full", "adaptive")  # the output layer: a softmax over every symbol, or adaptive.py's
 # Gate and cell activations an LSTM may use (the names Keras configs give them; Keras 3 redefined
 # hard_sigmoid, so its version has a name of its own).
 ACTIVATIONS = ("sigmoid", "hard_sigmoid", "hard_sigmoid_keras3", "tanh", "relu", "linear")
@@ -67,8 +71,14 @@ class ModelConfig:
     activation: str = knob("tanh", "cell and output activation (tanh unless imported)")
     weight_drop: float = knob(0.0, "DropConnect on the recurrent weights (AWD-LSTM)")
     variational: bool = knob(False, "one dropout mask per sequence for all time steps")
+    head: str = knob("full", "output layer: a softmax over every symbol (full), or adaptive: a shortlist of the "
+                             "frequent symbols and clusters of rarer ones, computed only when needed")
+    head_cutoffs: tuple[int, ...] = knob((), "adaptive head: the frequency ranks where the shortlist and each "
+                                             "cluster end (default: chosen from the symbol counts)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.head_cutoffs, list):  # from JSON
+            object.__setattr__(self, "head_cutoffs", tuple(self.head_cutoffs))
         self.validate()
 
     def validate(self) -> None:
@@ -80,6 +90,14 @@ class ModelConfig:
                               ("recurrent_activation", ACTIVATIONS), ("activation", ACTIVATIONS)):
             if getattr(self, name) not in allowed:
                 raise CharLSTMError(f"model {name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.head not in HEADS:
+            raise CharLSTMError(f"model head must be one of {', '.join(HEADS)}, not {self.head!r}")
+        if not isinstance(self.head_cutoffs, tuple):
+            raise CharLSTMError(f"model head_cutoffs must be a list of whole numbers, not {self.head_cutoffs!r}")
+        if self.head == "adaptive":
+            check_cutoffs(self.head_cutoffs, self.vocab_size)
+        elif self.head_cutoffs:
+            raise CharLSTMError("--head-cutoffs applies to the adaptive head (--head adaptive)")
         if not isinstance(self.variational, bool):
             raise CharLSTMError(f"model variational must be true or false, not {self.variational!r}")
         for name in ("dropout", "input_dropout", "weight_drop"):
@@ -91,8 +109,19 @@ class ModelConfig:
     def input_size(self) -> int:
         return {"scaled": 1, "onehot": self.vocab_size, "embedding": self.embedding_dim}[self.input]
 
+    def head_parameters(self) -> int:
+        """Parameters of the output layer (with the adaptive head's order buffer)."""
+        if self.head == "adaptive":
+            return adaptive_parameter_count(self.units, self.vocab_size, self.head_cutoffs)
+        return self.units * self.vocab_size + self.vocab_size
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.head == "full":  # what older charlstm versions wrote and read
+            del data["head"], data["head_cutoffs"]
+        else:
+            data["head_cutoffs"] = list(self.head_cutoffs)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -161,9 +190,13 @@ class LoopLSTM(nn.Module):
 
 class CharLSTM(nn.Module):
     """Input encoding -> stacked LSTM layers (dropout after each) -> a linear head giving the
-    next character's logits; ``forward`` reads whole sequences, ``step`` one character."""
+    next character's logits; ``forward`` reads whole sequences, ``step`` one character.
 
-    def __init__(self, config: ModelConfig) -> None:
+    With the adaptive head (``config.head``) the outputs are the full distribution's
+    log-probabilities, which softmax and cross-entropy treat exactly as logits;
+    ``symbol_counts`` (one count per id) then give the head its frequency order."""
+
+    def __init__(self, config: ModelConfig, symbol_counts: np.ndarray | None = None) -> None:
         super().__init__()
         self.config = config
         if config.input == "embedding":
@@ -172,7 +205,12 @@ class CharLSTM(nn.Module):
         sizes = [config.input_size] + [config.units] * config.layers
         self.lstms = nn.ModuleList(self._make_layer(sizes[i], config.units) for i in range(config.layers))
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.units, config.vocab_size)
+        if config.head == "adaptive":
+            self.head = AdaptiveHead(config.units, config.vocab_size, config.head_cutoffs)
+            if symbol_counts is not None:
+                self.head.set_order(frequency_order(symbol_counts))
+        else:
+            self.head = nn.Linear(config.units, config.vocab_size)
         if config.weight_drop and not all(isinstance(lstm, nn.LSTM) for lstm in self.lstms):
             raise CharLSTMError("weight drop needs the standard LSTM cell (sigmoid gates, tanh)")
 
@@ -217,8 +255,29 @@ class CharLSTM(nn.Module):
             return torch.func.functional_call(lstm, {"weight_hh_l0": dropped}, (x, state))
         return lstm(x, state)
 
-    def forward(self, ids: torch.Tensor, state: State | None = None, last_only: bool = False):
-        """ids (B, T) -> logits (B, T, V) or (B, V) with ``last_only``, and the new state."""
+    def forward(self, ids: torch.Tensor, state: State | None = None, last_only: bool = False,
+                targets: torch.Tensor | None = None):
+        """ids (B, T) -> logits (B, T, V) or (B, V) with ``last_only``, and the new state.
+
+        With ``targets`` (the ids to predict, shaped like the logits less V; ``IGNORE_INDEX``
+        where padded) the mean cross-entropy over the scored targets instead of the logits:
+        the adaptive head then computes each cluster only where a target lies in it."""
+        x, new_state = self.features(ids, state, last_only)
+        if targets is None:
+            return self.output(x), new_state
+        if isinstance(self.head, AdaptiveHead):
+            losses = self.head.nll(x.reshape(-1, x.shape[-1]), targets.reshape(-1), IGNORE_INDEX)
+            return losses.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1), new_state
+        logits = self.head(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX), new_state
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """Top-layer outputs -> logits (the full head) or log-probabilities (adaptive)."""
+        return self.head.log_probs(x) if isinstance(self.head, AdaptiveHead) else self.head(x)
+
+    def features(self, ids: torch.Tensor, state: State | None = None, last_only: bool = False):
+        """ids (B, T) -> the top layer's outputs (B, T, H) or (B, H), and the new state."""
         if state is None:
             state = self.initial_state(ids.shape[0], device=ids.device)
         x = self.encode_inputs(ids)
@@ -229,7 +288,7 @@ class CharLSTM(nn.Module):
             new_state.append(layer_state)
         if last_only:
             x = x[:, -1]
-        return self.head(x), new_state
+        return x, new_state
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, state: State | None = None):

@@ -173,6 +173,10 @@ def native_library(cache_dir: Path | None = None, arch: str = "native") -> ctype
     lib.charlstm_step_rows.restype = ctypes.c_int
     lib.charlstm_sample.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_int64] + [ctypes.c_void_p] * 4
     lib.charlstm_sample.restype = None
+    lib.charlstm_adaptive_complete.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
+                                               ctypes.c_int64, ctypes.c_int32] + [ctypes.c_void_p] * 9 + [
+                                               ctypes.c_int64, ctypes.c_void_p]
+    lib.charlstm_adaptive_complete.restype = None
     lib.charlstm_team_new.argtypes = [ctypes.c_int32]
     lib.charlstm_team_new.restype = ctypes.c_void_p
     lib.charlstm_team_free.argtypes = [ctypes.c_void_p]
@@ -250,3 +254,62 @@ class NativeSampler:
             self._addresses.clear()
         self._addresses[id(array)] = (array, array.ctypes.data)
         return array.ctypes.data
+
+
+class NativeAdaptiveCompletion:
+    """The adaptive head past its shortlist layer in C (``charlstm_adaptive_complete``): the
+    clusters' small products, the log-normalisers and the scatter into id order in one call,
+    where NumPy takes a dozen calls over the whole vocabulary per step."""
+
+    def __init__(self, library: ctypes.CDLL, shortlist: int, bounds: list[tuple[int, int]],
+                 projections: list[np.ndarray], clusters: list[np.ndarray], cluster_biases: list[np.ndarray],
+                 order: np.ndarray) -> None:
+        self._call = library.charlstm_adaptive_complete
+        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+        self._keep = [f32(a) for a in (*projections, *clusters, *cluster_biases)]
+        k = len(bounds)
+        pointers = lambda arrays: (ctypes.c_void_p * k)(*[a.ctypes.data for a in arrays])  # noqa: E731
+        self._projections = pointers(self._keep[:k])
+        self._weights = pointers(self._keep[k:2 * k])
+        self._biases = pointers(self._keep[2 * k:])
+        self._bounds = np.array([shortlist] + [stop for _, stop in bounds], dtype=np.int32)
+        self._dims = np.array([p.shape[1] for p in projections], dtype=np.int32)
+        self._order = np.ascontiguousarray(order, dtype=np.int32)
+        self._ranks = np.argsort(self._order).astype(np.int32)
+        self._units, self._clusters = projections[0].shape[0], k
+        self._scratch = np.empty(int(self._dims.max()) + len(self._order), np.float32)
+        # the addresses of arrays that stay put, asked once (NumPy takes a microsecond each time)
+        self._fixed = (self._clusters, self._bounds.ctypes.data, self._dims.ctypes.data, self._projections,
+                       self._weights, self._biases, self._order.ctypes.data, self._ranks.ctypes.data,
+                       self._scratch.ctypes.data)
+        self._out: np.ndarray | None = None
+        self._inputs: tuple = (None, None, 0, 0)  # the last (first, top) arrays and their addresses
+
+    def __call__(self, first: np.ndarray, top: np.ndarray) -> np.ndarray:
+        """(B, shortlist + clusters) and (B, H) float32 -> (B, V) log-probabilities in id order
+        (a buffer reused by the next call)."""
+        rows = len(first)
+        if self._out is None or len(self._out) != rows:
+            self._out = np.empty((rows, len(self._order)), dtype=np.float32)
+            self._out_address = self._out.ctypes.data
+        self._call(rows, self._units, *self._addresses(first, top), *self._fixed, self._out_address,
+                   len(self._order), None)
+        return self._out
+
+    def argmax(self, first: np.ndarray, top: np.ndarray) -> np.ndarray:
+        """The most probable id of each row (the argmax of ``__call__``'s rows), computing only
+        the clusters that can hold it."""
+        chosen = np.empty(len(first), dtype=np.int64)
+        self._call(len(first), self._units, *self._addresses(first, top), *self._fixed, None, 0,
+                   chosen.ctypes.data)
+        return chosen
+
+    def _addresses(self, first: np.ndarray, top: np.ndarray) -> tuple[int, int, int]:
+        """top's and first's addresses and first's row stride, for float32 rows."""
+        if first.dtype != np.float32 or first.strides[1] != 4:
+            first = np.ascontiguousarray(first, dtype=np.float32)
+        if top.dtype != np.float32 or not top.flags.c_contiguous:
+            top = np.ascontiguousarray(top, dtype=np.float32)
+        if self._inputs[0] is not first or self._inputs[1] is not top:  # a stepper passes the same ones
+            self._inputs = (first, top, first.ctypes.data, top.ctypes.data)
+        return self._inputs[3], self._inputs[2], first.strides[0] // 4

@@ -815,6 +815,15 @@ class PreparedData:
     def sources(self) -> list[str]:
         return [s.get("name", "?") for s in self.manifest.get("sources", [])]
 
+    def symbol_counts(self) -> np.ndarray | None:
+        """Each symbol's count in the prepared text (vocab.json), or None where it lacks them."""
+        try:
+            counts = json.loads((self.directory / VOCAB_FILE).read_text(encoding="utf-8")).get("counts")
+            counts = np.asarray(counts, dtype=np.int64)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+        return counts if counts.shape == (len(self.vocab),) and (counts >= 0).all() else None
+
     @property
     def fingerprint(self) -> str:
         """Names the data without reading it: the manifest (sources' SHA-256, cleaning, split)."""

@@ -7,6 +7,9 @@ import math
 from dataclasses import dataclass, fields
 from typing import Callable
 
+import numpy as np
+
+from .adaptive import choose_cutoffs
 from .checkpoint import check_template
 from .checks import check_device, check_float, check_int, check_seed, check_temperature, check_threads
 from .data import check_val_fraction
@@ -23,6 +26,10 @@ BATCHINGS = ("windows", "streams", "sentences")
 MONITORS = ("loss", "val_loss")
 PRECISIONS = ("auto", "fp32", "bf16")
 GRADIENT_SUMS = ("auto", "gloo")
+HEAD_CHOICES = ("auto", "full", "adaptive")
+# --head auto: the adaptive head from this many symbols on. Measured with benchmarks/scale.py
+# --vocab-only (the training step of the default model, full vs adaptive head, by vocabulary size).
+ADAPTIVE_HEAD_MIN_VOCAB = 1000
 
 
 @dataclass(frozen=True)
@@ -218,9 +225,12 @@ def preset_recipe(preset: str) -> tuple[dict, dict]:
 
 
 def preset_configs(preset: str, vocab_size: int, train_chars: int | None = None,
-                   log: Callable[[str], None] | None = None, **overrides) -> tuple[ModelConfig, TrainConfig]:
+                   log: Callable[[str], None] | None = None, symbol_counts: np.ndarray | None = None,
+                   **overrides) -> tuple[ModelConfig, TrainConfig]:
     """The preset's configs with ``overrides`` (any field of either config; None = keep). With
-    ``train_chars``, the default preset adapts to the text's size and the time budget first."""
+    ``train_chars``, the default preset adapts to the text's size and the time budget first.
+    The output head follows ``--head`` (auto: adaptive from ``ADAPTIVE_HEAD_MIN_VOCAB``
+    symbols), its cutoffs chosen from ``symbol_counts`` (one per id) unless given."""
     model_kw, train_kw = (dict(d) for d in preset_recipe(preset))
     model_over, train_over = split_overrides(overrides)
     if preset == "default" and train_chars is not None:
@@ -232,7 +242,28 @@ def preset_configs(preset: str, vocab_size: int, train_chars: int | None = None,
             log(choice.describe({**model_over, **train_over}))
     model_kw.update(model_over)
     train_kw.update(train_over)
+    _resolve_head(model_kw, vocab_size, symbol_counts, log)
     return ModelConfig(vocab_size=vocab_size, **model_kw), _finish_train_config(train_kw, train_over)
+
+
+def _resolve_head(model_kw: dict, vocab_size: int, counts: np.ndarray | None, log) -> None:
+    """--head auto -> full or adaptive by the vocabulary's size; the adaptive head's cutoffs."""
+    head = model_kw.get("head", "auto")
+    if head not in HEAD_CHOICES:
+        raise CharLSTMError(f"--head must be one of {', '.join(HEAD_CHOICES)}, not {head!r}")
+    if head == "auto":
+        head = "adaptive" if vocab_size >= ADAPTIVE_HEAD_MIN_VOCAB else "full"
+    model_kw["head"] = head
+    if head != "adaptive":
+        return
+    units = model_kw.get("units", ModelConfig.units)
+    if not model_kw.get("head_cutoffs"):
+        model_kw["head_cutoffs"] = choose_cutoffs(np.ones(vocab_size) if counts is None else counts, units)
+    if log:
+        cutoffs = tuple(model_kw["head_cutoffs"])
+        log(f"adaptive output head for {vocab_size:,} symbols: the {cutoffs[0]:,} most frequent in a shortlist, "
+            f"{len(cutoffs)} cluster(s) of rarer ones (ranks from {', '.join(f'{c:,}' for c in cutoffs)}); "
+            "--head full for a softmax over all")
 
 
 # Every setting a run may override, by name: the fields of both configs (the vocabulary size comes
@@ -246,6 +277,10 @@ def option_help(name: str) -> str:
     text = found.metadata["help"]
     preset_sets_it = any(name in settings for recipe in PRESETS.values() for settings in recipe)
     if preset_sets_it or found.default is None or isinstance(found.default, bool) or "(0 = " in text:
+        return text
+    if name == "head":  # the config's default is what checkpoints without the field hold; runs choose
+        return f"{text} (default auto: adaptive from {ADAPTIVE_HEAD_MIN_VOCAB:,} symbols)"
+    if name == "head_cutoffs":
         return text
     default = ",".join(map(str, found.default)) if isinstance(found.default, tuple) else found.default
     return f"{text} (default {default})"

@@ -29,7 +29,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint
@@ -448,9 +447,7 @@ class Trainer:
         last_only = self.model.config.target == "last"
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            logits, state = self.ddp(x, state, last_only=last_only)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            loss, state = self.ddp(x, state, last_only=last_only, targets=y)
         if not torch.isfinite(loss):
             self._diverged(f"the training loss became {loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -726,16 +723,24 @@ def fit(corpus: Corpus | None = None, preset: str = "default", log: Callable[[st
             log(f"validating on a fixed {PREPARED_VAL_CHARS:,}-character part of the {len(data.val_ids):,} "
                 "validation characters (--val-chars N to change, 0 for all)")
     vocab = data.vocab if data is not None else Vocab.from_text(corpus.text)
-    model_config, train_config = preset_configs(preset, len(vocab), log=log,
-                                                train_chars=_training_chars(corpus, data, overrides), **overrides)
     ids, val_ids = (data.train_ids, data.val_ids) if data is not None else (vocab.encode(corpus.text), None)
+    counts = symbol_counts(vocab, ids, data)
+    model_config, train_config = preset_configs(preset, len(vocab), log=log, symbol_counts=counts,
+                                                train_chars=_training_chars(corpus, data, overrides), **overrides)
     _check_length(ids, model_config, train_config, prepared=data is not None)
     _check_memory(model_config, train_config)
     torch.manual_seed(train_config.seed)
-    model = CharLSTM(model_config)
+    model = CharLSTM(model_config, symbol_counts=counts)
     trainer = Trainer(model, vocab, ids, train_config, corpus=corpus, log=log, progress=progress,
                       val_ids=val_ids, data=data, dist=dist)
     return trainer.fit()
+
+
+def symbol_counts(vocab: Vocab, ids: np.ndarray, data: PreparedData | None) -> np.ndarray:
+    """How often each symbol occurs in the training text (the adaptive head's frequency order):
+    as ``prepare`` counted them, else counted here."""
+    counts = data.symbol_counts() if data is not None else None
+    return counts if counts is not None else np.bincount(ids, minlength=len(vocab))[:len(vocab)]
 
 
 def _training_chars(corpus: Corpus | None, data: PreparedData | None, overrides: dict) -> int:
