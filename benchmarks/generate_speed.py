@@ -199,7 +199,9 @@ def main() -> None:
     print(f"native kernel compile (once per machine): {native_compile_seconds():.2f} s")
     roof = probe(args.quick)
     print_roofline(roof)
-    print(f"\nvocabulary {len(vocab)} characters, prime {len(prime)} characters, randomly initialised models")
+    source = args.text if args.text.is_file() else f"a stand-in alphabet ({args.text} is missing)"
+    print(f"\nvocabulary {len(vocab)} characters from {source}, prime {len(prime)} characters, "
+          "randomly initialised models")
 
     results: dict[str, dict[str, float]] = {}
     limits: dict[str, dict[str, tuple[float, str]]] = {}
