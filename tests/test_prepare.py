@@ -229,3 +229,37 @@ def test_worker_processes_write_the_same_files(library, tmp_path, monkeypatch):
     assert one.vocab == two.vocab and one.vocab.unknown_char == UNKNOWN_CHAR
     assert one.manifest["sources"] == two.manifest["sources"]
     assert pooled == [False, True]  # in-process, then 2 worker processes
+
+
+PREPARE_WITHOUT_TORCH = """
+import importlib, sys, tomllib
+from pathlib import Path
+script = tomllib.loads(Path("pyproject.toml").read_text())["project"]["scripts"]["charlstm"]
+module, function = script.split(":")
+code = getattr(importlib.import_module(module), function)(["prepare", sys.argv[1], "-o", sys.argv[2], "--no-progress"])
+print("torch loaded:", "torch" in sys.modules)
+import charlstm
+from charlstm import Corpus, generate, prepare, train
+print("names:", train.__module__, generate.__module__, prepare.__module__, Corpus.__module__, charlstm.train is train)
+print("missing from dir:", sorted(set(charlstm.__all__) - set(dir(charlstm))))
+sys.exit(code)
+"""
+
+
+def test_prepare_starts_without_torch(tmp_path, small_text):
+    """The console script's function and python -m charlstm run prepare without importing PyTorch
+    (1.5 s of start-up); the package's public names still import, lazily."""
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-c", PREPARE_WITHOUT_TORCH, str(small_text), str(tmp_path / "a")],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "torch loaded: False" in run.stdout and "symbols:" in run.stdout
+    assert "names: charlstm.train charlstm.generate charlstm.prepare charlstm.corpus True" in run.stdout
+    assert "missing from dir: []" in run.stdout
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "charlstm", "prepare", str(small_text),
+                          "-o", str(tmp_path / "b"), "--no-progress"], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")]
+    assert "charlstm.prepare" in imported and "torch" not in imported
+    assert PreparedData.open(tmp_path / "b").vocab.chars == PreparedData.open(tmp_path / "a").vocab.chars

@@ -6,7 +6,6 @@ Every mistake a user can make ends in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import random
 import re
@@ -22,6 +21,8 @@ from .data import split_train_val
 from .dynamic_eval import DynamicConfig, dynamic_evaluate
 from .checks import (check_device, check_float, check_int, check_output_dir, check_output_file, check_seed,
                      check_threads)
+from .entry import (EXIT_INTERRUPTED, EXIT_TERMINATED, add_encoding_arg, add_prepare_command, new_parser, positive_int,
+                    run_command)
 from .errors import CharLSTMError
 from .evaluate import LN2, score_text
 from .fast_step import BACKENDS
@@ -32,32 +33,10 @@ from .metrics import plot_run
 from .distributed import Distributed
 from .model import INPUTS, TARGETS
 from .native import PRECISIONS as STEP_PRECISIONS
-from .prepare import PrepareConfig, PreparedData, prepare
+from .prepare import PreparedData
 from .recipes import (BATCHINGS, GRADIENT_SUMS, HEAD_CHOICES, MONITORS, OPTIMIZERS, OPTION_NAMES, PRECISIONS,
                       PRESETS, SCHEDULES, option_help, preset_configs)
 from .train import fit
-
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143   # 128 + SIGTERM, what a shell reports for a terminated job
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM outside training (which handles it like Ctrl-C): stop now, quietly."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line, like every other error."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
 
 
 def _comma_list(convert, kind: str, example: str):
@@ -93,42 +72,7 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-case", action="store_true", help="do not lowercase the text")
     g.add_argument("--strip-punctuation", action="store_true",
                    help="keep only letters, digits, marks, spaces and newlines")
-    _add_encoding_arg(g)
-
-
-def _add_encoding_arg(g) -> None:
-    g.add_argument("--encoding", default="utf-8", metavar="NAME",
-                   help="the text files' encoding (default utf-8; e.g. cp1252, latin-1, utf-16, gb18030)")
-
-
-def _add_prepare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="text files, folders (searched recursively, see --glob) or - for stdin")
-    p.add_argument("-o", "--output-dir", type=Path, required=True, metavar="DATA_DIR",
-                   help="folder for train.npy, val.npy, vocab.json and manifest.json")
-    p.add_argument("--glob", default="*.txt", help="file names to take from folders (default *.txt)")
-    g = p.add_argument_group("text")
-    g.add_argument("--gutenberg", type=int, action="append", default=[], metavar="ID",
-                   help="add Project Gutenberg book ID (repeatable)")
-    g.add_argument("--mirror", metavar="DIR|URL", help=f"offline copy of Gutenberg books; env {MIRROR_ENV}")
-    g.add_argument("--cache-dir", type=Path, help="where downloaded books are kept")
-    g.add_argument("--offline", action="store_true", help="never download; use the cache or mirror")
-    g.add_argument("--keep-case", action="store_true", help="do not lowercase the text")
-    g.add_argument("--strip-punctuation", action="store_true",
-                   help="keep only letters, digits, marks, spaces and newlines")
-    g.add_argument("--keep-gutenberg-boilerplate", action="store_true",
-                   help="do not cut Gutenberg headers and footers")
-    _add_encoding_arg(g)
-    g = p.add_argument_group("split and vocabulary")
-    g.add_argument("--val-fraction", type=float, default=0.1,
-                   help="the last share of every document held out for validation (default 0.1)")
-    g.add_argument("--min-count", type=_positive_int, default=1, metavar="N",
-                   help="characters seen fewer times become one unknown symbol (U+FFFD)")
-    g.add_argument("--max-vocab", type=_positive_int, metavar="N",
-                   help="keep at most N symbols, the most frequent; the rest become the unknown symbol")
-    p.add_argument("--workers", type=_positive_int, metavar="N",
-                   help="processes for corpora of many files (default: up to 2, one per core)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_encoding_arg(g)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -139,18 +83,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(*flags, "--" + name.replace("_", "-"), dest=name, help=option_help(name), **kw)
 
     option("input", choices=INPUTS)
-    option("embedding_dim", type=_positive_int)
-    option("layers", type=_positive_int)
-    option("units", type=_positive_int)
+    option("embedding_dim", type=positive_int)
+    option("layers", type=positive_int)
+    option("units", type=positive_int)
     option("dropout", type=float)
     option("input_dropout", type=float)
     option("weight_drop", type=float)
     option("variational", action=argparse.BooleanOptionalAction, default=None)
-    option("window", type=_positive_int)
+    option("window", type=positive_int)
     option("head", choices=HEAD_CHOICES)
     option("head_cutoffs", type=_cutoffs, metavar="N[,N...]")
-    option("epochs", type=_positive_int)
-    option("batch_size", type=_positive_int)
+    option("epochs", type=positive_int)
+    option("batch_size", type=positive_int)
     option("lr", type=float)
     option("weight_decay", type=float)
     option("optimizer", choices=OPTIMIZERS)
@@ -161,7 +105,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     option("batching", choices=BATCHINGS)
     option("stateful", action="store_true", default=None)
     option("target", choices=TARGETS)
-    option("bptt", type=_positive_int)
+    option("bptt", type=positive_int)
     option("random_offset", action=argparse.BooleanOptionalAction, default=None)
     option("val_fraction", type=float)
     option("monitor", choices=MONITORS)
@@ -183,7 +127,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "'none' trains from scratch (charlstm run starts from 'english')")
     option("sample_every", type=int, metavar="N")
     option("sample_temperatures", type=_temperatures, metavar="T,T,...")
-    option("sample_length", type=_positive_int)
+    option("sample_length", type=positive_int)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("prepared data and long runs (torchrun starts several processes: DDP)")
     g.add_argument("--data", type=Path, metavar="DATA_DIR",
@@ -216,7 +160,7 @@ def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True)
     g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only among the k likeliest characters (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="sample only among the likeliest characters holding this probability mass (1 = off)")
-    g.add_argument("--num-samples", type=_positive_int, default=1, metavar="N",
+    g.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                    help="samples per temperature, generated together as one batch")
     g.add_argument("--stop", action="append", type=_unescape, default=[], metavar="TEXT",
                    help="end a sample where this text appears, e.g. '\\n\\n' (repeatable; not printed)")
@@ -233,23 +177,20 @@ def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True)
         g.add_argument("--precision", choices=STEP_PRECISIONS, default="fp32",
                        help="stateful step arithmetic: fp32 (exact, default) or bf16 (bf16 weights and "
                             "products, fp32 sums and state; faster; see the README for how close)")
-        g.add_argument("--threads", type=_positive_int,
+        g.add_argument("--threads", type=positive_int,
                        help="CPU threads for PyTorch and for the native step, which they share by rows or by "
                             "panels as timed fastest (default: PyTorch's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="charlstm", description="Character-level LSTM language models.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser, sub = new_parser()
 
     p = sub.add_parser("train", help="train a model on a text")
     _add_corpus_args(p)
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("prepare", help="files, folders or books -> memory-mapped ids for train --data")
-    _add_prepare_args(p)
-    p.set_defaults(func=cmd_prepare)
+    add_prepare_command(sub)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     _add_generate_args(p)
@@ -276,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic", action="store_true",
                    help="also score with dynamic evaluation: the weights adapt to the text already scored")
     p.add_argument("--dynamic-lr", type=float, default=DynamicConfig.lr, help="its RMS-normalised step size")
-    p.add_argument("--dynamic-segment", type=_positive_int, default=DynamicConfig.segment,
+    p.add_argument("--dynamic-segment", type=positive_int, default=DynamicConfig.segment,
                    help="characters scored between its updates")
     p.add_argument("--dynamic-decay", type=float, default=DynamicConfig.decay,
                    help="share of the way back to the original weights after each update")
@@ -304,15 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SERVE_LIMITS = (  # ServeConfig field, type, what it bounds
-    ("max_length", _positive_int, "default and ceiling of max_tokens, in characters"),
-    ("max_concurrent", _positive_int, "streams generated together per model"),
+    ("max_length", positive_int, "default and ceiling of max_tokens, in characters"),
+    ("max_concurrent", positive_int, "streams generated together per model"),
     ("max_queue", int, "streams waiting for a place; beyond that 429"),
-    ("max_prompt", _positive_int, "characters per prompt"),
-    ("max_body", _positive_int, "bytes per request body"),
-    ("max_choices", _positive_int, "n x prompts per request"),
-    ("max_stop", _positive_int, "stop strings per request"),
+    ("max_prompt", positive_int, "characters per prompt"),
+    ("max_body", positive_int, "bytes per request body"),
+    ("max_choices", positive_int, "n x prompts per request"),
+    ("max_stop", positive_int, "stop strings per request"),
     ("max_logprobs", int, "alternatives per character in logprobs"),
-    ("max_score_chars", _positive_int, "characters per /v1/score text"),
+    ("max_score_chars", positive_int, "characters per /v1/score text"),
     ("request_timeout", float, "seconds per request"),
 )
 
@@ -330,7 +271,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="step path (as for generate)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch and the native kernel")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch and the native kernel")
     g = p.add_argument_group("limits")
     for name, kind, text in SERVE_LIMITS:
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
@@ -354,10 +295,10 @@ def _add_import_keras_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-bom", action="store_true", help="a leading byte-order mark counted as a character")
     g.add_argument("--universal-newlines", action="store_true", help="CRLF and CR were read as LF")
     g.add_argument("--bytes", action="store_true", help="one character per byte (Python 2)")
-    _add_encoding_arg(g)
+    add_encoding_arg(g)
     g = p.add_argument_group("what a weights-only file does not say (a full-model file's config wins "
                              "unless these are given)")
-    g.add_argument("--window", type=_positive_int, help="input length in characters (default 100)")
+    g.add_argument("--window", type=positive_int, help="input length in characters (default 100)")
     g.add_argument("--activation", choices=KERAS_ACTIVATIONS, help="LSTM activation (default tanh)")
     g.add_argument("--recurrent-activation", choices=KERAS_ACTIVATIONS,
                    help="LSTM gate activation (default: that of the file's Keras version)")
@@ -455,20 +396,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_generation(Generator(result.trained, device=result.trained.model.head.weight.device,
                                 backend=args.backend), args)
     return _exit_status(result)
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    norm = Normalization(lowercase=not args.keep_case, strip_punctuation=args.strip_punctuation,
-                         strip_gutenberg=not args.keep_gutenberg_boilerplate)
-    config = PrepareConfig(inputs=tuple(args.inputs), output_dir=args.output_dir, gutenberg=tuple(args.gutenberg),
-                           glob=args.glob, normalization=norm, encoding=args.encoding,
-                           val_fraction=args.val_fraction, min_count=args.min_count, max_vocab=args.max_vocab,
-                           mirror=args.mirror, cache_dir=args.cache_dir, offline=args.offline,
-                           workers=args.workers or 0)
-    result = prepare(config, progress=not args.no_progress)
-    for line in result.summary_lines():
-        print(line)
-    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -612,79 +539,4 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The command line: one line on stderr and status 2 for anything a user can cause,
     130 after Ctrl-C, 143 after SIGTERM; never a traceback."""
-    previous = _prepare_process()
-    try:
-        args = build_parser().parse_args(argv)
-        code = args.func(args)
-        sys.stdout.flush()
-        return code
-    except CharLSTMError as err:
-        return _fail(str(err))
-    except Terminated:
-        print("\nterminated", file=sys.stderr)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:  # the reader went away (| head): nothing left to say
-        _silence_stdout()
-        return 0
-    except MemoryError:
-        return _fail("out of memory: try a smaller model, batch or --num-samples")
-    except OSError as err:
-        _silence_stdout()
-        where = f"{err.filename}: " if err.filename else "writing the output: " if err.errno in _WRITE_ERRORS else ""
-        return _fail(f"{where}{err.strerror or err}")
-    except RuntimeError as err:
-        if "alloc" in str(err).lower() or "out of memory" in str(err).lower():
-            return _fail(f"out of memory ({str(err).splitlines()[0][:160]})")
-        raise
-    finally:
-        for signum, handler in previous.items():  # main() called from Python leaves no trace
-            signal.signal(signum, handler)
-
-
-_WRITE_ERRORS = (errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT, errno.EPIPE)
-
-
-def _fail(message: str) -> int:
-    print(f"charlstm: error: {' '.join(message.split(chr(10)))}", file=sys.stderr)
-    return EXIT_USAGE
-
-
-def _prepare_process() -> dict:
-    """Streams that cannot fail on a character (a C locale or PYTHONIOENCODING=ascii escapes
-    what it cannot encode), a closed stdout treated as /dev/null, SIGTERM as a quiet stop."""
-    if sys.stdout is None:
-        sys.stdout = open(os.devnull, "w", encoding="utf-8")
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None and hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-    if not threading_is_main():
-        return {}
-    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
-    if previous[signal.SIGINT] == signal.SIG_DFL:  # __init__ made start-up quiet; now Ctrl-C is handled
-        previous[signal.SIGINT] = signal.default_int_handler
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    return {k: v for k, v in previous.items() if v is not None}
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _terminate(signum, frame):
-    raise Terminated
-
-
-def _silence_stdout() -> None:
-    """After a failed write, point stdout at /dev/null so the exit flush fails no more."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass
+    return run_command(build_parser, argv)
