@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine_probe import cpu_name  # benchmarks/ is on the path when this script runs
+from machine_probe import cpu_name, median_of_ratios  # benchmarks/ is on the path when this script runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from charlstm.adaptive import projection_size  # noqa: E402
@@ -159,12 +159,11 @@ def print_throughput(rates: dict[str, list[float]]) -> None:
     print("| run | median chars/s | vs 1 x 1 (median of the rounds' ratios) | the rounds' ratios |")
     print("|---|---:|---:|---|")
     for label, values in rates.items():
-        ratios = [v / b for v, b in zip(values, base)]
-        print(f"| {label} | {statistics.median(values):,.0f} | {statistics.median(ratios):.2f}x | "
-              + " ".join(f"{x:.2f}" for x in ratios) + " |")
-    ddp, pair = rates[THROUGHPUT_RUNS[2][0]], rates[PAIR_LABEL]
-    print(f"\nDDP gives {statistics.median(d / p for d, p in zip(ddp, pair)):.0%} of what two processes that "
-          "exchange nothing get together (median of the rounds)")
+        median, ratios = median_of_ratios(values, base)
+        print(f"| {label} | {statistics.median(values):,.0f} | {median:.2f}x | " + " ".join(f"{x:.2f}" for x in ratios)
+              + " |")
+    ddp_share, _ = median_of_ratios(rates[THROUGHPUT_RUNS[2][0]], rates[PAIR_LABEL])
+    print(f"\nDDP gives {ddp_share:.0%} of what two processes that exchange nothing get together (median of the rounds)")
 
 
 def bench_independent_pair(args: list[str], out: Path) -> float:

@@ -117,12 +117,13 @@ def rss_mib() -> float:
 
 
 class BaseRun:
-    def __init__(self, args, vocab: Vocab, train_ids: np.ndarray, val_ids: np.ndarray, sources: list[str]):
+    def __init__(self, args, vocab: Vocab, train_ids: np.ndarray, val_ids: np.ndarray, sources: list[str],
+                 init: TrainedModel | None = None):
         self.args, self.vocab, self.train_ids, self.val_ids = args, vocab, train_ids, val_ids
         torch.manual_seed(args.seed)
         self.model = CharLSTM(model_config(args, vocab))
-        if args.init:
-            self.model.load_state_dict(checkpoint.load(args.init).model.float().state_dict())
+        if init is not None:
+            self.model.load_state_dict(init.model.float().state_dict())
         self.amp = autocast_dtype("auto", torch.device("cpu"))
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         rest = [p for p in self.model.parameters() if p.dim() < 2]
@@ -288,8 +289,9 @@ def main() -> None:
         ship(args.ship)
         return
     torch.set_num_threads(args.threads)
+    init = checkpoint.load(args.init) if args.init else None
     if args.start_batch is None:
-        args.start_batch = batches_read(checkpoint.load(args.init)) if args.init else 0
+        args.start_batch = batches_read(init) if init else 0
     vocab = english_vocab()
     train_books, val_books = split_books(args.corpus, args.held_out_author)
     t0 = time.perf_counter()
@@ -301,7 +303,7 @@ def main() -> None:
     if args.measure:
         measure(args, vocab, train_ids)
         return
-    run = BaseRun(args, vocab, train_ids, val_ids, [str(p.relative_to(args.corpus)) for p in train_books])
+    run = BaseRun(args, vocab, train_ids, val_ids, [str(p.relative_to(args.corpus)) for p in train_books], init)
     print(f"model {args.layers}x{args.units}: {run.model.num_parameters():,} parameters, "
           f"precision {'bf16' if run.amp else 'fp32'}, threads {torch.get_num_threads()}", flush=True)
     run.run()

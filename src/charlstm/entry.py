@@ -12,6 +12,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -178,7 +179,7 @@ def _prepare_process() -> dict:
     for stream in (sys.stdout, sys.stderr):
         if stream is not None and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    if not threading_is_main():
+    if threading.current_thread() is not threading.main_thread():
         return {}
     previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     if previous[signal.SIGINT] == signal.SIG_DFL:  # __init__ made start-up quiet; now Ctrl-C is handled
@@ -186,12 +187,6 @@ def _prepare_process() -> dict:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     return {k: v for k, v in previous.items() if v is not None}
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _terminate(signum, frame):

@@ -529,11 +529,15 @@ def split_plan(weights: LeanWeights, batch_size: int, library: ctypes.CDLL, thre
         return kept
     rounds = time_splits(weights, batch_size, library, threads, precision, candidates)
     plan = {"split": pick_way(rounds, default=candidates[0]), "rounds": rounds,
-            "seconds_per_step": {name: float(np.median(times)) for name, times in rounds.items()},
-            "retimes": kept.get("retimes", 0) + 1 if kept else 0}
+            "seconds_per_step": medians(rounds), "retimes": kept.get("retimes", 0) + 1 if kept else 0}
     plans[key] = plan
     _write_plans(path, plans)
     return plan
+
+
+def medians(rounds: dict[str, list[float]]) -> dict[str, float]:
+    """Each way's median seconds per step."""
+    return {name: float(np.median(times)) for name, times in rounds.items()}
 
 
 def pick_way(rounds: dict[str, list[float]], default: str, margin: float = SHARING_MARGIN) -> str:
@@ -714,7 +718,6 @@ def choose_bf16_backend(weights: LeanWeights, batch_size: int, library: ctypes.C
               "torch": lambda: TorchStepper(weights, batch_size, torch.device("cpu"), "bf16")}
     rounds = _timed_rounds(makers, batch_size, _timing_steps(weights, batch_size))
     best = pick_way(rounds, default="native", margin=1.0)
-    plans[key] = {"backend": best, "rounds": rounds,
-                  "seconds_per_step": {name: float(np.median(times)) for name, times in rounds.items()}}
+    plans[key] = {"backend": best, "rounds": rounds, "seconds_per_step": medians(rounds)}
     _write_plans(path, plans)
     return best

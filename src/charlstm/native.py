@@ -225,35 +225,47 @@ def _compile(compiler: str, source: bytes, library: Path, failure: Path, arch: s
 
 
 
+class _Addresses:
+    """``array.ctypes.data``, remembered for arrays passed again every step (a stepper's
+    outputs, a group's temperatures): asking NumPy costs a microsecond each time."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[np.ndarray, int]] = {}
+
+    def __call__(self, array: np.ndarray) -> int:
+        known = self._known.get(id(array))
+        if known is not None and known[0] is array:
+            return known[1]
+        if len(self._known) >= 8:
+            self._known.clear()
+        self._known[id(array)] = (array, array.ctypes.data)
+        return array.ctypes.data
+
+
+def _float32_rows(array: np.ndarray) -> np.ndarray:
+    """``array`` as float32 rows of contiguous values (itself when it already is)."""
+    if array.dtype != np.float32 or array.strides[1] != 4:
+        return np.ascontiguousarray(array, dtype=np.float32)
+    return array
+
+
 class NativeSampler:
     """Temperature sampling (no top-k or top-p) in C: the per-step cost of the NumPy path is
     a dozen small array calls, as much as a small model's whole step."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._sample = library.charlstm_sample
-        self._addresses: dict[int, tuple[np.ndarray, int]] = {}
+        self._address = _Addresses()
 
     def __call__(self, logits: np.ndarray, inverse_temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
         """logits (B, V) float32 rows, 1/temperature (B,) and uniforms (B,) float64 -> ids (B,)."""
-        if logits.dtype != np.float32 or logits.strides[1] != 4:
-            logits = np.ascontiguousarray(logits, dtype=np.float32)
+        logits = _float32_rows(logits)
         inverse_temperature = np.ascontiguousarray(inverse_temperature, dtype=np.float64)
         uniforms = np.ascontiguousarray(uniforms, dtype=np.float64)
         out = np.empty(len(logits), dtype=np.int64)
         self._sample(len(logits), logits.shape[1], logits.strides[0] // 4, self._address(logits),
                      self._address(inverse_temperature), uniforms.ctypes.data, out.ctypes.data)
         return out
-
-    def _address(self, array: np.ndarray) -> int:
-        """``array.ctypes.data``, remembered for arrays passed again every step (a stepper's
-        logits, a group's temperatures): asking NumPy costs a microsecond each time."""
-        known = self._addresses.get(id(array))
-        if known is not None and known[0] is array:
-            return known[1]
-        if len(self._addresses) >= 8:
-            self._addresses.clear()
-        self._addresses[id(array)] = (array, array.ctypes.data)
-        return array.ctypes.data
 
 
 class NativeAdaptiveCompletion:
@@ -283,7 +295,7 @@ class NativeAdaptiveCompletion:
                        self._weights, self._biases, self._order.ctypes.data, self._ranks.ctypes.data,
                        self._scratch.ctypes.data)
         self._out: np.ndarray | None = None
-        self._inputs: tuple = (None, None, 0, 0)  # the last (first, top) arrays and their addresses
+        self._address = _Addresses()
 
     def __call__(self, first: np.ndarray, top: np.ndarray) -> np.ndarray:
         """(B, shortlist + clusters) and (B, H) float32 -> (B, V) log-probabilities in id order
@@ -291,8 +303,7 @@ class NativeAdaptiveCompletion:
         rows = len(first)
         if self._out is None or len(self._out) != rows:
             self._out = np.empty((rows, len(self._order)), dtype=np.float32)
-            self._out_address = self._out.ctypes.data
-        self._call(rows, self._units, *self._addresses(first, top), *self._fixed, self._out_address,
+        self._call(rows, self._units, *self._inputs(first, top), *self._fixed, self._address(self._out),
                    len(self._order), None)
         return self._out
 
@@ -300,16 +311,13 @@ class NativeAdaptiveCompletion:
         """The most probable id of each row (the argmax of ``__call__``'s rows), computing only
         the clusters that can hold it."""
         chosen = np.empty(len(first), dtype=np.int64)
-        self._call(len(first), self._units, *self._addresses(first, top), *self._fixed, None, 0,
+        self._call(len(first), self._units, *self._inputs(first, top), *self._fixed, None, 0,
                    chosen.ctypes.data)
         return chosen
 
-    def _addresses(self, first: np.ndarray, top: np.ndarray) -> tuple[int, int, int]:
+    def _inputs(self, first: np.ndarray, top: np.ndarray) -> tuple[int, int, int]:
         """top's and first's addresses and first's row stride, for float32 rows."""
-        if first.dtype != np.float32 or first.strides[1] != 4:
-            first = np.ascontiguousarray(first, dtype=np.float32)
+        first = _float32_rows(first)
         if top.dtype != np.float32 or not top.flags.c_contiguous:
             top = np.ascontiguousarray(top, dtype=np.float32)
-        if self._inputs[0] is not first or self._inputs[1] is not top:  # a stepper passes the same ones
-            self._inputs = (first, top, first.ctypes.data, top.ctypes.data)
-        return self._inputs[3], self._inputs[2], first.strides[0] // 4
+        return self._address(top), self._address(first), first.strides[0] // 4
