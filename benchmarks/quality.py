@@ -9,6 +9,9 @@ to right with the state carried, as training's validation does. Rows (``--rows``
 * ``dynamic``: static vs dynamic evaluation of the best Alice checkpoint of this run;
 * ``heldout``: the base on a book it never saw (Kipling's "The Jungle Book": the base's
   training held out every Kipling book), static and dynamic, its first ``--heldout-chars``;
+* ``prime``: the base after reading the first ``--prime-chars`` of "The Jungle Book" with dynamic
+  evaluation's updates (``generate --adapt-to-prime``) against the base as shipped: nats/char on
+  the ``--prime-next-chars`` that follow, and the book's words in samples generated after the prime;
 * ``sizes``: corpora of ~150 kB, 1 MB, 10 MB and 100 MB cut from the shared Gutenberg books
   (``--sizes``), each trained from scratch for the largest budget with the fixed default
   recipe (the preset's settings given explicitly) and with the adaptive default; a size where
@@ -42,7 +45,9 @@ import torch  # noqa: E402
 from charlstm import checkpoint  # noqa: E402
 from charlstm.corpus import Corpus, Normalization, normalize, read_text_file  # noqa: E402
 from charlstm.data import split_train_val  # noqa: E402
-from charlstm.dynamic_eval import DynamicConfig, dynamic_evaluate  # noqa: E402
+from charlstm.checkpoint import TrainedModel  # noqa: E402
+from charlstm.dynamic_eval import DynamicConfig, adapted_to, dynamic_evaluate  # noqa: E402
+from charlstm.generate import Generator, SamplingConfig  # noqa: E402
 from charlstm.finetune import PRETRAINED  # noqa: E402
 from charlstm.evaluate import evaluate_ids  # noqa: E402
 from charlstm.recipes import PRESETS, adaptive_default  # noqa: E402
@@ -110,11 +115,11 @@ def training_rows(kind: str, budgets: list[float], out: Path, threads: int,
 def static_and_dynamic(what: str, model_path: Path, context, scored, dynamic: DynamicConfig) -> list[Row]:
     trained = checkpoint.load(model_path)
     start = time.perf_counter()
-    static = evaluate_ids(trained.model, scored, context=context)
+    static = evaluate_ids(trained.model, scored, context=context[len(context) - min(len(context), trained.config.window):])
     static_s = time.perf_counter() - start
     result = dynamic_evaluate(trained.model, scored, context=context, config=dynamic)
     gain = 1 - result.nats_per_char / static
-    setting = f"lr {dynamic.lr:g}, segment {dynamic.segment}, decay {dynamic.decay:g}"
+    setting = f"{dynamic.describe()}; {result.context_read:,} characters before it read first"
     return [Row(f"{what}: static", "–", static, static_s, f"{len(scored):,} characters"),
             Row(f"{what}: dynamic", "–", result.nats_per_char, result.seconds,
                 f"{gain:.1%} fewer nats/char than static, {result.seconds / static_s:.1f}x its time; {setting}")]
@@ -124,7 +129,7 @@ def alice_validation(model_path: Path):
     trained = checkpoint.load(model_path)
     corpus = Corpus.from_files(ALICE, trained.normalization)
     train_ids, val_ids = split_train_val(trained.vocab.encode(corpus.text), 0.1)
-    return train_ids[-trained.config.window:], val_ids
+    return train_ids, val_ids  # static evaluation carries the state over its window; dynamic reads more
 
 
 def heldout_rows(chars: int, dynamic: DynamicConfig) -> list[Row]:
@@ -133,6 +138,35 @@ def heldout_rows(chars: int, dynamic: DynamicConfig) -> list[Row]:
     text = normalize(read_text_file(HELDOUT_BOOK), trained.normalization).replace("\u00a0", " ")
     ids = trained.vocab.encode(text[:chars], unknown="skip")
     return static_and_dynamic('the base on "The Jungle Book" (Kipling, never seen)', base, ids[:0], ids, dynamic)
+
+
+# the book's own words: its names, and what its first stories are about
+JUNGLE_WORDS = ("mowgli", "shere khan", "akela", "baloo", "bagheera", "wolf", "wolves", "jungle", "pack", "cub")
+
+
+def prime_rows(prime_chars: int, next_chars: int, dynamic: DynamicConfig) -> list[Row]:
+    """The base after reading a long prime with dynamic evaluation's updates (``generate
+    --adapt-to-prime``): how it scores the text that follows, and the book's words in samples."""
+    trained = checkpoint.load(PRETRAINED["english"])
+    text = normalize(read_text_file(HELDOUT_BOOK), trained.normalization).replace("\u00a0", " ")
+    ids = trained.vocab.encode(text[:prime_chars + next_chars], unknown="skip")
+    prime, following = ids[:prime_chars], ids[prime_chars:]
+    start = time.perf_counter()
+    adaptation = adapted_to(trained.model, prime, dynamic.step_sizes[0], dynamic.segment)
+    seconds = time.perf_counter() - start
+    window = prime[-trained.config.window:]
+    rows = []
+    for label, model in (("as shipped", trained.model), ("adapted to the prime", adaptation.model)):
+        gen = Generator(TrainedModel(model=model, vocab=trained.vocab, normalization=trained.normalization))
+        samples = [gen.generate(trained.vocab.decode(window), 400, sampling=SamplingConfig(0.6), seed=seed).lower()
+                   for seed in range(8)]
+        words = sum(sample.count(word) for sample in samples for word in JUNGLE_WORDS)
+        rows.append(Row(f"the base on the {len(following):,} characters after a {len(prime):,}-character prime "
+                        f"of \"The Jungle Book\", {label}", "–", evaluate_ids(model, following, context=window),
+                        seconds if model is adaptation.model else 0.0,
+                        f"{words} of the book's words ({', '.join(JUNGLE_WORDS)}) in 8 samples of 400 "
+                        "characters after the prime (temperature 0.6)"))
+    return rows
 
 
 def size_corpus(label: str, chars: int, out: Path) -> Path:
@@ -209,9 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("quality-runs"))
     parser.add_argument("--heldout-chars", type=int, default=100_000)
-    parser.add_argument("--dynamic-lr", type=float, default=DynamicConfig.lr)
-    parser.add_argument("--dynamic-segment", type=int, default=DynamicConfig.segment)
-    parser.add_argument("--dynamic-decay", type=float, default=DynamicConfig.decay)
+    parser.add_argument("--prime-chars", type=int, default=20_000, help="the prime of the prime row")
+    parser.add_argument("--prime-next-chars", type=int, default=5_000, help="what the prime row scores after it")
+    defaults = DynamicConfig()
+    parser.add_argument("--dynamic-lr", default=",".join(f"{lr:g}" for lr in defaults.step_sizes),
+                        help="step sizes, comma-separated (one adapting copy each)")
+    parser.add_argument("--dynamic-static", action=argparse.BooleanOptionalAction, default=defaults.with_static)
+    parser.add_argument("--dynamic-context", type=int, default=defaults.context_chars,
+                        help="characters before the scored text adapted to first")
+    parser.add_argument("--dynamic-segment", type=int, default=defaults.segment)
+    parser.add_argument("--dynamic-decay", type=float, default=defaults.decay)
     parser.add_argument("--sizes", default=",".join(SIZES), help="corpus sizes of the sizes row")
     parser.add_argument("--recipes", default="fixed,adaptive", help="recipes of the sizes row")
     parser.add_argument("--size-budget", type=float, default=10.0, help="minutes per run of the sizes row")
@@ -221,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows_wanted = set(args.rows.split(","))
     budgets = [float(b) for b in args.budgets.split(",")]
-    dynamic = DynamicConfig(lr=args.dynamic_lr, segment=args.dynamic_segment, decay=args.dynamic_decay)
+    dynamic = DynamicConfig(step_sizes=tuple(float(lr) for lr in args.dynamic_lr.split(",")),
+                            segment=args.dynamic_segment, decay=args.dynamic_decay,
+                            with_static=args.dynamic_static, context_chars=args.dynamic_context)
     torch.set_num_threads(args.threads)
     load_before, started = load_average(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows: list[Row] = []
@@ -241,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += static_and_dynamic(f"Alice's last 10 %, {best_alice.parent.name}", best_alice, context, val, dynamic)
     if "heldout" in rows_wanted:
         rows += heldout_rows(args.heldout_chars, dynamic)
+    if "prime" in rows_wanted:
+        rows += prime_rows(args.prime_chars, args.prime_next_chars, dynamic)
     if "sizes" in rows_wanted:
         rows += size_rows(args.sizes.split(","), args.recipes.split(","), args.size_budget, args.out, args.threads)
     print_table(rows, f"{cpu_name()}, torch {torch.__version__}, {args.threads} threads, started {started}; "

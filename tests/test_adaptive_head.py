@@ -127,7 +127,7 @@ def test_evaluate_and_dynamic_evaluation_score_the_full_distribution(trained, ch
         log_probs, _ = model(torch.from_numpy(ids[:-1])[None])
     expected = -log_probs[0].gather(1, torch.from_numpy(ids[1:])[:, None]).mean().item()
     assert evaluate_ids(model, ids) == pytest.approx(expected, rel=1e-5)
-    dynamic = dynamic_evaluate(model, ids, config=DynamicConfig(lr=1e-12))  # ~no adaptation: the static score
+    dynamic = dynamic_evaluate(model, ids, config=DynamicConfig(step_sizes=(1e-12,)))  # ~no adaptation: the static score
     assert dynamic.nats_per_char == pytest.approx(expected, rel=1e-5)
     assert dynamic_evaluate(model, ids, config=DynamicConfig()).nats_per_char != pytest.approx(expected, rel=1e-5)
 

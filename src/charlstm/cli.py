@@ -11,12 +11,13 @@ import random
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
-from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization, check_encoding
+from .corpus import DEFAULT_BOOK, MIRROR_ENV, Corpus, Normalization, check_encoding, read_text_file
 from .data import split_train_val
 from .dynamic_eval import DynamicConfig, dynamic_evaluate
 from .checks import (check_device, check_float, check_int, check_output_dir, check_output_file, check_seed,
@@ -54,6 +55,9 @@ def _comma_list(convert, kind: str, example: str):
 
 _temperatures = _comma_list(float, "numbers", "0.2,0.5,1.0")
 _cutoffs = _comma_list(int, "whole numbers", "500,2000")
+_step_sizes = _comma_list(float, "numbers", "3e-4,1e-3")
+MAX_PRIME_CHARS = 1_000_000  # adapting reads ~2,000 characters/s per core: minutes, not hours
+SHOWN_PRIME_CHARS = 500  # a longer prime is shown by its end, where the generated text joins it
 
 
 # ----------------------------------------------------------------------- arguments
@@ -152,6 +156,8 @@ def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True)
     g = p.add_argument_group("generation")
     g.add_argument("--length", type=int, default=1000, help="characters to generate per sample (default 1000)")
     g.add_argument("--prime", help="start from this text instead of a random training window")
+    g.add_argument("--prime-file", type=Path, metavar="FILE",
+                   help="start from the text of this file (UTF-8), e.g. a chapter to continue")
     g.add_argument("--prime-unknown", choices=["error", "skip"], default="error",
                    help="prime characters the model does not know: stop with an error naming them, or skip them")
     g.add_argument("--temperature", type=_temperatures, default=[0.0], metavar="T[,T...]",
@@ -173,6 +179,9 @@ def _add_generate_args(p: argparse.ArgumentParser, with_checkpoint: bool = True)
                    help="seed for choosing the seed window and sampling; sample i of --num-samples uses N+i")
     if with_checkpoint:
         g.add_argument("--seed", type=int, dest="gen_seed", metavar="N", help="same as --sample-seed")
+        g.add_argument("--adapt-to-prime", action="store_true",
+                       help="read the prime with dynamic evaluation's weight updates first, so that the text "
+                            "leans to its names and manner (worth it for a prime of thousands of characters)")
         g.add_argument("--device", default="cpu")
         g.add_argument("--precision", choices=STEP_PRECISIONS, default="fp32",
                        help="stateful step arithmetic: fp32 (exact, default) or bf16 (bf16 weights and "
@@ -215,11 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unknown", choices=["error", "skip"], default="error",
                    help="characters the model does not know: stop with an error, or skip them")
     p.add_argument("--dynamic", action="store_true",
-                   help="also score with dynamic evaluation: the weights adapt to the text already scored")
-    p.add_argument("--dynamic-lr", type=float, default=DynamicConfig.lr, help="its RMS-normalised step size")
-    p.add_argument("--dynamic-segment", type=positive_int, default=DynamicConfig.segment,
+                   help="also score with dynamic evaluation: the weights adapt to the text already read")
+    defaults = DynamicConfig()
+    p.add_argument("--dynamic-lr", type=_step_sizes, default=list(defaults.step_sizes), metavar="LR[,LR...]",
+                   help="RMS-normalised step sizes, one adapting copy each, their predictions mixed "
+                        f"(default {','.join(f'{lr:g}' for lr in defaults.step_sizes)})")
+    p.add_argument("--dynamic-static", action=argparse.BooleanOptionalAction, default=defaults.with_static,
+                   help="mix the unadapted model's predictions in too")
+    p.add_argument("--dynamic-context", type=int, default=defaults.context_chars, metavar="CHARS",
+                   help="read and adapt to at most this much of the text before the scored part first "
+                        "(with --val-fraction; 0 = adapt to the scored text only)")
+    p.add_argument("--dynamic-segment", type=positive_int, default=defaults.segment,
                    help="characters scored between its updates")
-    p.add_argument("--dynamic-decay", type=float, default=DynamicConfig.decay,
+    p.add_argument("--dynamic-decay", type=float, default=defaults.decay,
                    help="share of the way back to the original weights after each update")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     p.set_defaults(func=cmd_evaluate)
@@ -348,6 +365,15 @@ def check_generation_args(args: argparse.Namespace) -> None:
         raise CharLSTMError("--stop must not be empty")
     check_seed(args.gen_seed, "seed")
     check_threads(getattr(args, "threads", None), allow_zero=False)
+    if args.prime_file is not None:
+        if args.prime is not None:
+            raise CharLSTMError("give --prime or --prime-file, not both")
+        args.prime = read_text_file(args.prime_file).lstrip("\ufeff").replace("\r\n", "\n")
+        if len(args.prime) > MAX_PRIME_CHARS:
+            raise CharLSTMError(f"--prime-file: {len(args.prime):,} characters; a prime may have at most "
+                                f"{MAX_PRIME_CHARS:,}")
+    if getattr(args, "adapt_to_prime", False) and args.prime is None:
+        raise CharLSTMError("--adapt-to-prime needs a prime to read: --prime TEXT or --prime-file FILE")
 
 
 def _train(args: argparse.Namespace):
@@ -404,7 +430,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     trained = checkpoint.load(args.checkpoint, device=args.device)
-    _print_generation(Generator(trained, device=args.device, backend=args.backend, precision=args.precision), args)
+    gen = Generator(trained, device=args.device, backend=args.backend, precision=args.precision)
+    if args.adapt_to_prime:
+        started = time.perf_counter()
+        nats = gen.adapt(args.prime, unknown=args.prime_unknown)
+        print(f"adapted to the prime's {len(args.prime):,} characters in {time.perf_counter() - started:.1f} s "
+              f"(read at {nats:.4f} nats/char)", file=sys.stderr)
+    _print_generation(gen, args)
     return 0
 
 
@@ -440,7 +472,8 @@ def _print_generation(gen: Generator, args: argparse.Namespace) -> None:
 
 def _print_seed(prime: str) -> None:
     print("Seed:")
-    print(f'"{prime}"')
+    shown = prime if len(prime) <= SHOWN_PRIME_CHARS else "..." + prime[-SHOWN_PRIME_CHARS:]
+    print(f'"{shown}"')
 
 
 def _write_flushed(text: str) -> None:
@@ -449,7 +482,8 @@ def _write_flushed(text: str) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    dynamic = DynamicConfig(lr=args.dynamic_lr, segment=args.dynamic_segment, decay=args.dynamic_decay)
+    dynamic = DynamicConfig(step_sizes=tuple(args.dynamic_lr), segment=args.dynamic_segment, decay=args.dynamic_decay,
+                            with_static=args.dynamic_static, context_chars=args.dynamic_context)
     dynamic.validate()
     check_threads(args.threads, allow_zero=False)
     check_float("val_fraction", args.val_fraction, 0.0, 1.0, high_open=True)
@@ -468,12 +502,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for line in score.lines():
         print(line)
     if args.dynamic:
-        result = dynamic_evaluate(trained.model, scored, context=context[-trained.config.window:], config=dynamic)
+        result = dynamic_evaluate(trained.model, scored, context=context, config=dynamic)
         gain = 1 - result.nats_per_char / score.nats
         print(f"static: {score.nats:.4f} nats/char = {score.bits:.4f} bits/char in {score.seconds:.1f} s")
         print(f"dynamic: {result.nats_per_char:.4f} nats/char = {result.nats_per_char / LN2:.4f} bits/char "
               f"in {result.seconds:.1f} s ({result.seconds / max(score.seconds, 1e-9):.1f}x the static time; "
-              f"lr {dynamic.lr:g}, segment {dynamic.segment}, decay {dynamic.decay:g}): "
+              f"{dynamic.describe()}; adapted first to the {result.context_read:,} characters before it): "
               f"{gain:.1%} fewer nats/char than static")
     return 0
 

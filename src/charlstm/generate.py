@@ -29,6 +29,7 @@ import torch
 
 from .checkpoint import TrainedModel
 from .checks import check_float, check_int, check_temperature, inverse_temperature
+from .dynamic_eval import DynamicConfig, adapted_to
 from .errors import CharLSTMError
 from .fast_step import AdaptiveStepper, LeanWeights, Stepper, check_backend, lean_supported, make_stepper
 from .native import NativeSampler, native_library
@@ -292,6 +293,15 @@ class Generator:
         if not ids:
             raise CharLSTMError("the prime text is empty (after dropping unknown characters)")
         return ids
+
+    def adapt(self, text: str, step_size: float = DynamicConfig.step_sizes[0], unknown: str = "error") -> float:
+        """Read ``text`` (a long prime: a chapter, a few letters) with dynamic evaluation's weight
+        updates, so that what is generated next leans to its names and manner; returns the
+        nats/char the model scored on it while reading. The checkpoint's model is not changed."""
+        adaptation = adapted_to(self.model, np.asarray(self.prepare_prime(text, unknown)), step_size)
+        self.model = adaptation.model
+        self._lean = None  # the lean weights were copied from the old model
+        return adaptation.nats_per_char
 
     def stream(self, prime: str, length: int = 1000, sampling: SamplingConfig = SamplingConfig(),
                mode: str = "auto", seed: int | None = None, prime_unknown: str = "error",
