@@ -12,6 +12,7 @@ def test_a_book_gets_the_recipe_measured_on_alice():
     for budget in (150.0, 600.0, None):
         choice = adaptive_default(130_000, budget, train_kw["epochs"])
         assert (choice.units, choice.dropout, choice.bptt) == (model_kw["units"], model_kw["dropout"], train_kw["bptt"])
+        assert choice.batch_size == 32 < train_kw["batch_size"]  # more steps per character, measured better
 
 
 def test_less_regularisation_when_each_character_is_read_only_a_few_times():
@@ -26,11 +27,14 @@ def test_explicit_options_win_and_the_choice_is_printed():
     lines = []
     model, train = preset_configs("default", 50, train_chars=90_000_000, log=lines.append, time_budget=600.0,
                                   dropout=0.3, units=128)
-    assert (model.units, model.dropout, model.weight_drop, train.bptt) == (128, 0.3, 0.0, 100)
+    assert (model.units, model.dropout, model.weight_drop, train.bptt, train.batch_size) == (128, 0.3, 0.0, 100, 32)
     assert lines and lines[0].startswith("Recipe: default") and "units 128 (yours)" in lines[0]
-    assert "dropout 0.3 (yours)" in lines[0] and "bptt 100" in lines[0]
+    assert "dropout 0.3 (yours)" in lines[0] and "bptt 100" in lines[0] and "batch size 32" in lines[0]
     other, _ = preset_configs("tutorial-small", 50, train_chars=90_000_000, log=lines.append)
     assert other.units == 256 and len(lines) == 1  # only the default preset adapts
+    _, mine = preset_configs("default", 50, train_chars=90_000_000, log=lines.append, time_budget=600.0,
+                             batch_size=128)
+    assert mine.batch_size == 128 and "batch size 128 (yours)" in lines[-1]
 
 
 def test_training_prints_the_recipe_first(tmp_path, pg11):
