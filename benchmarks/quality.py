@@ -115,11 +115,11 @@ def training_rows(kind: str, budgets: list[float], out: Path, threads: int,
 def static_and_dynamic(what: str, model_path: Path, context, scored, dynamic: DynamicConfig) -> list[Row]:
     trained = checkpoint.load(model_path)
     start = time.perf_counter()
-    static = evaluate_ids(trained.model, scored, context=context[len(context) - min(len(context), trained.config.window):])
+    static = evaluate_ids(trained.model, scored, context=context[-trained.config.window:])
     static_s = time.perf_counter() - start
     result = dynamic_evaluate(trained.model, scored, context=context, config=dynamic)
     gain = 1 - result.nats_per_char / static
-    setting = f"{dynamic.describe()}; {result.context_read:,} characters before it read first"
+    setting = f"{dynamic.describe()}; {result.what_was_read_first()}"
     return [Row(f"{what}: static", "–", static, static_s, f"{len(scored):,} characters"),
             Row(f"{what}: dynamic", "–", result.nats_per_char, result.seconds,
                 f"{gain:.1%} fewer nats/char than static, {result.seconds / static_s:.1f}x its time; {setting}")]

@@ -507,13 +507,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"static: {score.nats:.4f} nats/char = {score.bits:.4f} bits/char in {score.seconds:.1f} s")
         print(f"dynamic: {result.nats_per_char:.4f} nats/char = {result.nats_per_char / LN2:.4f} bits/char "
               f"in {result.seconds:.1f} s ({result.seconds / max(score.seconds, 1e-9):.1f}x the static time; "
-              f"{dynamic.describe()}; {_what_was_read_first(result.context_read)}): "
+              f"{dynamic.describe()}; {result.what_was_read_first()}): "
               f"{gain:.1%} fewer nats/char than static")
     return 0
-
-
-def _what_was_read_first(characters: int) -> str:
-    return f"adapted first to the {characters:,} characters before it" if characters else "the scored text only"
 
 
 def _check_scorable(trained: checkpoint.TrainedModel, context, scored, args: argparse.Namespace) -> None:

@@ -69,6 +69,10 @@ class DynamicResult:
     seconds: float
     context_read: int = 0  # characters before the scored text that the copies adapted to
 
+    def what_was_read_first(self) -> str:
+        return f"adapted first to the {self.context_read:,} characters before it" if self.context_read \
+            else "the scored text only"
+
 
 class _RMSUpdate:
     """theta -= lr * g / sqrt(mean g^2), then theta += decay * (theta_0 - theta)."""
@@ -171,7 +175,7 @@ def dynamic_evaluate(model: CharLSTM, ids: np.ndarray, context: np.ndarray | Non
     start = time.perf_counter()
     context = np.zeros(0, dtype=np.int64) if context is None else np.asarray(context)
     window = model.config.window  # the state is carried over this much before what is read or scored
-    context = context[len(context) - min(len(context), config.context_chars + window):]
+    context = context[-(config.context_chars + window):]  # window >= 1, so never [-0:]
     device = next(model.parameters()).device
     full = torch.from_numpy(np.concatenate([context, np.asarray(ids)]).astype(np.int64)).to(device)
     first = max(len(context), 1)  # the first scored position; each is predicted from the one before
